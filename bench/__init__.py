@@ -1,0 +1,1 @@
+"""softjax benchmarks: ``python -m bench`` (see ``python -m bench --help``)."""

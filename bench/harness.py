@@ -1,0 +1,73 @@
+"""Shared measurement helpers: times as medians after warm-up, memory from XLA.
+
+Times on shared machines are noisy, so softjax and its peer are always measured in the same
+process, interleaved (a, b, a, b, ...), and reported as a ratio of medians. Memory is the
+compiled temp size from ``memory_analysis()``, which is exact and needs no run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+
+def block(x):
+    return jax.tree_util.tree_map(
+        lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x
+    )
+
+
+def median_times(
+    fns: Sequence[Callable], args: Sequence, reps: int = 7, warmup: int = 2
+) -> list[float]:
+    """Median wall time of each ``fn(*args)``, interleaving the functions run by run."""
+    for fn in fns:
+        for _ in range(warmup):
+            block(fn(*args))
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            block(fn(*args))
+            times[i].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
+
+
+def temp_bytes(fn: Callable, *args) -> int:
+    """Compiled temporary memory of ``jax.jit(fn)(*args)``, in bytes (exact, no run)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def mib(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def ulp_error(out, ref, dtype) -> float:
+    """Max error of ``out`` against the float64 ``ref``, in ulps of ``dtype``.
+
+    Only entries whose reference is finite and in ``dtype``'s normal range count (below it
+    the ulp is fixed and relative accuracy is not promised).
+    """
+    import jax.numpy as jnp
+
+    out = np.asarray(
+        jnp.asarray(out).astype(jnp.float32) if jnp.asarray(out).dtype != np.float64 else out,
+        np.float64,
+    )
+    ref = np.asarray(ref, np.float64)
+    keep = np.isfinite(ref) & (np.abs(ref) >= float(jnp.finfo(dtype).tiny))
+    if not keep.any():
+        return 0.0
+    return float(np.max(np.abs(out - ref)[keep] / ulp(np.abs(ref[keep]), dtype)))
+
+
+def ulp(a: np.ndarray, dtype) -> np.ndarray:
+    """The spacing of ``dtype`` at each (positive, normal) value of the float64 array ``a``."""
+    import jax.numpy as jnp
+
+    _, exponent = np.frexp(a)  # a = m * 2**exponent, m in [0.5, 1)
+    return np.ldexp(1.0, exponent - 1 - int(jnp.finfo(dtype).nmant))

@@ -1,0 +1,430 @@
+"""Cross-entropy and binary cross-entropy with PyTorch's semantics, exact and NaN-free.
+
+``cross_entropy`` mirrors ``torch.nn.CrossEntropyLoss`` (integer labels or class
+probabilities, class ``weight``, ``ignore_index``, ``label_smoothing``, the weighted-mean
+denominator) and adds ``where``, PaLM's ``z_loss`` and Gemma 2's ``logit_softcap``.
+Its gradient is a custom VJP that saves only the per-row logsumexp (as ``max`` and
+``log1p`` part) and produces ``p - y`` in one fused pass over the logits; the integer-label
+path never builds a one-hot array.
+
+The per-row arithmetic lives in :func:`row_losses` and :func:`row_loss_grads`, which the
+vocabulary-scale loss (``softjax._vocab``) reuses block by block rather than re-deriving.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _checks
+from . import _numerics as nx
+
+
+class Options(NamedTuple):
+    """The scalar options of a cross-entropy, as arrays of the compute dtype."""
+
+    smoothing: jax.Array  # label_smoothing, in [0, 1]
+    z_loss: jax.Array  # coefficient of logsumexp**2
+    softcap: jax.Array | None  # c in c * tanh(logits / c), or None
+
+
+def softcap(logits: jax.Array, cap) -> jax.Array:
+    """``cap * tanh(logits / cap)`` (Gemma 2), or ``logits`` when ``cap`` is None."""
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def softcap_grad(logits: jax.Array, cap, grad: jax.Array) -> jax.Array:
+    """Chains ``grad`` (with respect to the capped logits) through :func:`softcap`."""
+    if cap is None:
+        return grad
+    t = jnp.tanh(logits / cap)
+    return grad * (1 - t * t)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-row terms shared with the vocabulary-scale loss.
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of the (capped) logits over the class axis (last axis, kept).
+
+    ``logsumexp == shift + log_norm``; kept apart so that ``logits - shift`` stays exact.
+    """
+
+    shift: jax.Array
+    log_norm: jax.Array
+
+    @property
+    def lse(self) -> jax.Array:
+        return self.shift + self.log_norm
+
+
+def row_stats(z: jax.Array) -> RowStats:
+    """Max shift and ``log(sum(exp(z - shift)))`` of the compute-dtype logits ``z``."""
+    s = nx.shift_rows(z, (z.ndim - 1,), None)
+    e = nx.exp_compensated(s.hi, s.lo)
+    return RowStats(s.shift, nx.log_normalizer(s, e, (z.ndim - 1,)))
+
+
+def neg_log_probs(z: jax.Array, stats: RowStats) -> jax.Array:
+    """``-log_softmax(z)`` from the row statistics, ``>= 0`` and without cancellation."""
+    hi, lo = nx.two_sum(z, -stats.shift)
+    return (stats.log_norm - hi) - lo
+
+
+def probs(z: jax.Array, stats: RowStats) -> jax.Array:
+    """``softmax(z)`` recomputed from the row statistics (the backward pass)."""
+    hi, lo = nx.two_sum(z, -stats.shift)
+    return nx.exp_compensated(hi - stats.log_norm, lo)
+
+
+class LabelTerms(NamedTuple):
+    """The per-example coefficients of an integer-label cross-entropy.
+
+    With ``n_c = -log p_c``, the loss of a row is
+    ``nll_coef * n_y + smooth_coef * sum_c w_c n_c + zloss_coef * lse**2``.
+    """
+
+    nll_coef: jax.Array
+    smooth_coef: jax.Array
+    zloss_coef: jax.Array
+
+
+def label_terms(labels, valid, label_weight, num_classes: int, opts: Options) -> LabelTerms:
+    """Coefficients per example (valid rows only; NaN for an out-of-range label).
+
+    PyTorch's label smoothing with weights: ``(1 - a) * w_y * n_y + a / C * sum_c w_c n_c``.
+    The z-loss is weighted like the example (``w_y``), so that a weighted mean stays a
+    weighted mean of per-example losses.
+    """
+    in_range = (labels >= 0) & (labels < num_classes)
+    valid_f = valid.astype(label_weight.dtype)
+    # An out-of-range label is a bug in the data: make it loud (jit cannot raise on data).
+    bad = jnp.where(valid & ~in_range, jnp.nan, 0.0).astype(label_weight.dtype)
+    nll = valid_f * (1 - opts.smoothing) * label_weight + bad
+    smooth = valid_f * opts.smoothing / num_classes + bad
+    zl = valid_f * opts.z_loss * label_weight + bad
+    return LabelTerms(nll, smooth, zl)
+
+
+def row_losses(z, labels, terms: LabelTerms, class_weight, stats: RowStats):
+    """Integer-label per-row losses from capped logits ``z`` [..., C] (compute dtype)."""
+    n = neg_log_probs(z, stats)
+    n_y = jnp.take_along_axis(n, _safe_index(labels, z.shape[-1])[..., None], axis=-1)[..., 0]
+    loss = terms.nll_coef * n_y
+    smooth = jnp.sum(n if class_weight is None else n * class_weight, axis=-1)
+    loss = loss + jnp.where(terms.smooth_coef == 0, 0.0, terms.smooth_coef * smooth)
+    lse = stats.lse[..., 0]
+    return loss + jnp.where(terms.zloss_coef == 0, 0.0, terms.zloss_coef * lse * lse)
+
+
+def row_loss_grads(z, labels, terms: LabelTerms, class_weight, stats: RowStats, g):
+    """Gradient of ``sum(g * row_losses)`` with respect to ``z``, in one pass.
+
+    ``d/dz_c = g * (p_c * (a + b * sum(w) + 2 k * lse) - a * [c == y] - b * w_c)``.
+    """
+    p = probs(z, stats)
+    w_sum = z.shape[-1] if class_weight is None else jnp.sum(class_weight)
+    lse = stats.lse[..., 0]
+    zl_term = jnp.where(terms.zloss_coef == 0, 0.0, 2 * terms.zloss_coef * lse)
+    p_coef = (terms.nll_coef + terms.smooth_coef * w_sum + zl_term) * g
+    classes = jax.lax.broadcasted_iota(labels.dtype, z.shape, z.ndim - 1)
+    onehot_coef = (terms.nll_coef * g)[..., None]
+    smooth_coef = (terms.smooth_coef * g)[..., None]
+    w = 1.0 if class_weight is None else class_weight
+    grad = nx.zero_where_prob_zero(p, p_coef[..., None]) - jnp.where(
+        classes == labels[..., None], onehot_coef, 0.0
+    )
+    return grad - jnp.where(smooth_coef == 0, 0.0, smooth_coef * w)
+
+
+def _safe_index(labels, num_classes):
+    return jnp.clip(labels, 0, num_classes - 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Integer labels
+
+
+@jax.custom_vjp
+def _int_label_losses(logits, labels, valid, class_weight, opts: Options):
+    z = softcap(nx.upcast(logits), opts.softcap)
+    terms = label_terms(labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts)
+    return row_losses(z, labels, terms, class_weight, row_stats(z))
+
+
+def _int_label_fwd(logits, labels, valid, class_weight, opts):
+    z = softcap(nx.upcast(logits), opts.softcap)
+    stats = row_stats(z)
+    terms = label_terms(labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts)
+    out = row_losses(z, labels, terms, class_weight, stats)
+    return out, (logits, labels, valid, class_weight, opts, stats)
+
+
+def _int_label_bwd(res, g):
+    logits, labels, valid, class_weight, opts, stats = res
+    z = softcap(nx.upcast(logits), opts.softcap)
+    terms = label_terms(labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts)
+    grad = row_loss_grads(z, labels, terms, class_weight, stats, g)
+    grad = softcap_grad(nx.upcast(logits), opts.softcap, grad)
+    # Excluded rows get exactly zero gradient, whatever their logits hold.
+    grad = jnp.where(valid[..., None], grad, 0.0).astype(logits.dtype)
+    return grad, None, None, _zeros_or_none(class_weight), jax.tree.map(jnp.zeros_like, opts)
+
+
+_int_label_losses.defvjp(_int_label_fwd, _int_label_bwd)
+
+
+def _label_weight(class_weight, labels, dtype):
+    if class_weight is None:
+        return jnp.ones(labels.shape, dtype)
+    return class_weight[_safe_index(labels, class_weight.shape[0])]
+
+
+def _zeros_or_none(x):
+    return None if x is None else jnp.zeros_like(x)
+
+
+# ---------------------------------------------------------------------------------------
+# Class probabilities
+
+
+def _soft_targets(labels, opts, num_classes):
+    return labels * (1 - opts.smoothing) + opts.smoothing / num_classes
+
+
+@jax.custom_vjp
+def _soft_label_losses(logits, labels, valid, class_weight, opts: Options):
+    return _soft_label_fwd(logits, labels, valid, class_weight, opts)[0]
+
+
+def _soft_label_fwd(logits, labels, valid, class_weight, opts):
+    z = softcap(nx.upcast(logits), opts.softcap)
+    stats = row_stats(z)
+    y = _soft_targets(nx.upcast(labels), opts, z.shape[-1])
+    wy = y if class_weight is None else y * class_weight
+    n = neg_log_probs(z, stats)
+    # 0 * log(0) = 0: a class with no target mass contributes nothing, even at -inf.
+    loss = jnp.sum(jnp.where(wy == 0, 0.0, wy * n), axis=-1)
+    lse = stats.lse[..., 0]
+    loss = loss + jnp.where(opts.z_loss == 0, 0.0, opts.z_loss * lse * lse)
+    loss = jnp.where(valid, loss, 0.0)
+    return loss, (logits, labels, valid, class_weight, opts, stats)
+
+
+def _soft_label_bwd(res, g):
+    logits, labels, valid, class_weight, opts, stats = res
+    z = softcap(nx.upcast(logits), opts.softcap)
+    y = _soft_targets(nx.upcast(labels), opts, z.shape[-1])
+    wy = y if class_weight is None else y * class_weight
+    g = jnp.where(valid, g, 0.0)
+    lse = stats.lse[..., 0]
+    p_coef = jnp.sum(wy, axis=-1) + jnp.where(opts.z_loss == 0, 0.0, 2 * opts.z_loss * lse)
+    grad_z = (nx.zero_where_prob_zero(probs(z, stats), p_coef[..., None]) - wy) * g[..., None]
+    grad_logits = softcap_grad(nx.upcast(logits), opts.softcap, grad_z)
+    grad_logits = jnp.where(valid[..., None], grad_logits, 0.0).astype(logits.dtype)
+    # d loss / d y_c = (1 - a) * w_c * (-log p_c)
+    w = 1.0 if class_weight is None else class_weight
+    n = neg_log_probs(z, stats)
+    grad_labels = (1 - opts.smoothing) * w * jnp.where(valid[..., None], n, 0.0) * g[..., None]
+    grad_labels = grad_labels.astype(labels.dtype)
+    return grad_logits, grad_labels, None, _zeros_or_none(class_weight), jax.tree.map(
+        jnp.zeros_like, opts
+    )
+
+
+_soft_label_losses.defvjp(_soft_label_fwd, _soft_label_bwd)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+
+
+def reduce_losses(losses, denominator, reduction: str):
+    """Applies ``reduction``; the mean over nothing valid is 0 with zero gradient."""
+    if reduction == "none":
+        return losses
+    total = jnp.sum(losses)
+    return total if reduction == "sum" else nx.safe_divide(total, denominator)
+
+
+def check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype) -> Options:
+    """Validates the scalar options shared by the cross-entropies; returns them as arrays."""
+    _checks.reduction(reduction)
+    _checks.unit_interval(label_smoothing, "label_smoothing")
+    _checks.non_negative(z_loss, "z_loss")
+    if logit_softcap is not None:
+        _checks.positive(logit_softcap, "logit_softcap")
+    cast = lambda v: jnp.asarray(v, dtype)  # noqa: E731
+    return Options(cast(label_smoothing), cast(z_loss), None if logit_softcap is None else cast(logit_softcap))
+
+
+def check_int_labels(labels, batch_shape: tuple, logits_desc: str):
+    """``labels`` must be integer with the ``batch_shape`` (logits without the class axis)."""
+    labels = jnp.asarray(labels)
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        raise ValueError(
+            f"labels has floating dtype {labels.dtype} and shape {labels.shape}: class "
+            f"probabilities must have the shape of {logits_desc}"
+        )
+    labels = _checks.integer(labels, "labels")
+    if labels.shape != batch_shape:
+        raise ValueError(f"labels has shape {labels.shape} but {logits_desc} has shape {batch_shape}")
+    return labels
+
+
+def cross_entropy(
+    logits,
+    labels,
+    *,
+    axis: int = -1,
+    weight=None,
+    ignore_index: int | None = None,
+    where=None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Cross-entropy between ``softmax(logits)`` and integer labels or class probabilities.
+
+    Follows ``torch.nn.CrossEntropyLoss``. With integer labels ``y``, class weights ``w``
+    (1 if None), smoothing ``a`` and ``C`` classes, each example contributes
+
+    .. math::
+        \ell_i = (1 - a)\, w_{y_i} (-\log p_{i y_i}) + \frac{a}{C} \sum_c w_c (-\log p_{ic})
+                 + \lambda_z w_{y_i} (\log \textstyle\sum_c e^{z_{ic}})^2
+
+    and ``reduction="mean"`` divides the sum by :math:`\sum_i w_{y_i}` over valid examples.
+    With class probabilities ``q`` (the shape of ``logits``), the targets become
+    ``q * (1 - a) + a / C`` and the mean divides by the number of valid examples.
+
+    Args:
+      logits: floating ``[..., C, ...]`` with classes along ``axis``.
+      labels: integer ``[...]`` (``logits``' shape without ``axis``) or floating class
+        probabilities of ``logits``' shape.
+      axis: the class axis.
+      weight: optional ``[C]`` per-class weights.
+      ignore_index: integer labels equal to it are excluded (loss 0, no gradient).
+      where: optional boolean broadcastable to the example shape; False excludes.
+      label_smoothing: ``a`` in [0, 1], as PyTorch.
+      z_loss: coefficient of ``logsumexp(logits)**2`` per valid example (PaLM).
+      logit_softcap: ``c`` applies ``c * tanh(logits / c)`` first (Gemma 2).
+      reduction: "mean", "sum" or "none" (per example, 0 where excluded).
+
+    Returns:
+      float32 (float64 for float64 logits): a scalar, or the example shape for "none".
+
+    Differences from PyTorch, on purpose: the mean over zero valid examples is 0.0 with zero
+    gradient (PyTorch: NaN); an out-of-range integer label that is not ``ignore_index``
+    gives NaN for its example (jit cannot raise on data values).
+
+    Example:
+      >>> softjax.cross_entropy(jnp.array([[2.0, 1.0, 0.5]]), jnp.array([0]))
+      Array(0.46436879, dtype=float32)
+    """
+    logits = _checks.floating(logits, "logits")
+    (axis,) = _checks.normalize_axes(axis, logits.ndim)
+    logits = jnp.moveaxis(logits, axis, -1)
+    num_classes = logits.shape[-1]
+    batch_shape = logits.shape[:-1]
+    dtype = nx.compute_dtype(logits.dtype)
+    opts = check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
+    class_weight = _checks.vector(weight, num_classes, "weight", "class")
+    class_weight = None if class_weight is None else class_weight.astype(dtype)
+    valid = _checks.mask(where, batch_shape)
+    valid = jnp.ones(batch_shape, bool) if valid is None else valid
+    labels_arr = jnp.asarray(labels)
+    if jnp.issubdtype(labels_arr.dtype, jnp.floating) and labels_arr.ndim == logits.ndim:
+        labels_arr = jnp.moveaxis(labels_arr, axis, -1)
+        if labels_arr.shape != logits.shape:
+            raise ValueError(
+                f"labels (class probabilities) has shape {jnp.asarray(labels).shape} but "
+                f"logits has shape {jnp.moveaxis(logits, -1, axis).shape}"
+            )
+        if ignore_index is not None:
+            raise ValueError("ignore_index applies to integer labels only; use where instead")
+        losses = _soft_label_losses(logits, labels_arr, valid, class_weight, opts)
+        return reduce_losses(losses, jnp.sum(valid, dtype=dtype), reduction)
+    desc = f"logits {jnp.moveaxis(logits, -1, axis).shape} without axis {axis}"
+    labels_arr = check_int_labels(labels_arr, batch_shape, desc)
+    if ignore_index is not None:
+        valid = valid & (labels_arr != ignore_index)
+    losses = _int_label_losses(logits, labels_arr, valid, class_weight, opts)
+    label_weight = _label_weight(class_weight, labels_arr, dtype)
+    return reduce_losses(losses, jnp.sum(jnp.where(valid, label_weight, 0.0)), reduction)
+
+
+def binary_cross_entropy(
+    logits,
+    targets,
+    *,
+    weight=None,
+    pos_weight=None,
+    where=None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Binary cross-entropy on logits, as ``torch.nn.BCEWithLogitsLoss``.
+
+    .. math::
+        \ell = -w \,[\, p_w\, t \log\sigma(x) + (1 - t) \log\sigma(-x) \,]
+
+    with ``t`` smoothed to ``t * (1 - a) + a / 2``. ``log σ`` is evaluated stably
+    (``-softplus(-x)``), so large logits neither overflow nor lose the small loss.
+
+    Args:
+      logits: floating array ``[...]``.
+      targets: floating array of the same shape, in [0, 1].
+      weight: optional per-element weight, broadcastable to ``logits``.
+      pos_weight: optional weight of positive targets, broadcastable to ``logits``
+        (typically ``[C]`` for the last, class axis, as in PyTorch).
+      where: optional boolean broadcastable to ``logits``; False elements are excluded.
+      label_smoothing: ``a`` in [0, 1].
+      reduction: "mean" (over valid elements), "sum" or "none" (0 where excluded).
+
+    Returns:
+      float32 (float64 for float64 logits).
+
+    Example:
+      >>> softjax.binary_cross_entropy(jnp.array([0.0]), jnp.array([1.0]))
+      Array(0.6931472, dtype=float32)
+    """
+    logits = _checks.floating(logits, "logits")
+    targets = _checks.floating(targets, "targets")
+    if targets.shape != logits.shape:
+        raise ValueError(f"targets has shape {targets.shape} but logits has shape {logits.shape}")
+    _checks.reduction(reduction)
+    _checks.unit_interval(label_smoothing, "label_smoothing")
+    dtype = nx.compute_dtype(logits.dtype)
+    valid = _checks.mask(where, logits.shape)
+    x = logits.astype(dtype)
+    if valid is not None:
+        x = jnp.where(valid, x, 0.0)
+    t = targets.astype(dtype) * (1 - label_smoothing) + label_smoothing / 2
+    pos = t * jax.nn.log_sigmoid(x)
+    if pos_weight is not None:
+        pos = pos * _broadcastable(pos_weight, logits.shape, "pos_weight", dtype)
+    loss = -(pos + (1 - t) * jax.nn.log_sigmoid(-x))
+    if weight is not None:
+        loss = loss * _broadcastable(weight, logits.shape, "weight", dtype)
+    count = np.prod(logits.shape, dtype=np.int64)
+    if valid is not None:
+        loss = jnp.where(valid, loss, 0.0)
+        count = jnp.sum(valid, dtype=dtype)
+    return reduce_losses(loss, jnp.asarray(count, dtype), reduction)
+
+
+def _broadcastable(x, shape, name, dtype):
+    x = _checks.floating(x, name)
+    try:
+        jnp.broadcast_shapes(x.shape, shape)
+    except ValueError:
+        raise ValueError(f"{name} has shape {x.shape}, which does not broadcast to {shape}") from None
+    if jnp.broadcast_shapes(x.shape, shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {x.shape}, which does not broadcast to {shape}")
+    return x.astype(dtype)

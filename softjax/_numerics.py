@@ -1,0 +1,188 @@
+"""The numerics policy of softjax, written once.
+
+Every function in the softmax family goes through the same four steps, and this module is
+the one place where they are spelled out:
+
+1. **Compute dtype.** Low-precision inputs (bf16, f16) are upcast to float32 for all of the
+   arithmetic and rounded once at the end; float64 stays float64.
+2. **Masking before the max.** Excluded entries (``where=False``) become ``-inf`` before the
+   row maximum is taken, so they can never dominate it.
+3. **A stable, compensated shift.** The row maximum ``m`` is subtracted (under
+   ``stop_gradient``) before ``exp``. The rounding error of ``x - m`` is what limits the
+   accuracy of a float32 softmax: ``exp`` turns an absolute error ``e`` in its argument
+   into a relative error ``e``, and ``|x - m|`` reaches ~87 for outputs still in the normal
+   range, so a half-ulp error in the difference becomes ~40 ulp in the result. The
+   difference is therefore computed as an unevaluated sum ``hi + lo`` (Knuth's TwoSum, and
+   an exact product for the temperature division), and ``exp(hi + lo)`` is evaluated as
+   ``exp(hi) * (1 + lo)``.
+4. **Empty rows.** A row with no valid entry (all masked, or all ``-inf``) has maximum
+   ``-inf``; its shift is replaced by 0 so that nothing computes ``-inf - -inf``, and its
+   normaliser is handled explicitly by the callers (probabilities 0, log-probabilities and
+   logsumexp ``-inf``, zero gradients).
+
+NaN inputs are never hidden: a NaN makes its row's maximum NaN, which flows into every
+output of that row and no other.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Axes = tuple[int, ...]
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype softjax computes in for inputs of ``dtype``: float64 stays, else float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def upcast(x: jax.Array) -> jax.Array:
+    """``x`` in its compute dtype (see :func:`compute_dtype`)."""
+    return x.astype(compute_dtype(x.dtype))
+
+
+def mask_invalid(x: jax.Array, where: jax.Array | None) -> jax.Array:
+    """``x`` with excluded entries replaced by ``-inf``, so they drop out of max and sum."""
+    if where is None:
+        return x
+    return jnp.where(where, x, -jnp.inf)
+
+
+def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Knuth's TwoSum: ``s + err == a + b`` exactly, with ``s = fl(a + b)``.
+
+    Where ``s`` is not finite the error term is meaningless (``inf - inf``); it is set to 0
+    there so that it never turns a valid ``-inf`` into NaN.
+    """
+    s = a + b
+    bb = s - a
+    err = (a - (s - bb)) + (b - bb)
+    return s, jnp.where(jnp.isfinite(s), err, jnp.zeros_like(err))
+
+
+def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``a == hi + lo`` exactly with ``hi`` holding half of the significand bits.
+
+    Uses ``reduce_precision`` rather than Veltkamp's ``(2**s + 1) * a`` trick, because the
+    latter is silently broken when a compiler contracts it into a fused multiply-add.
+    """
+    finfo = jnp.finfo(a.dtype)
+    # Half of the significand (plus the implicit bit) in hi, the rest in lo, so that every
+    # partial product of two splits fits in the significand exactly.
+    hi = lax.reduce_precision(a, exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant // 2)
+    return hi, a - hi
+
+
+def divide_compensated(hi: jax.Array, lo: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(hi + lo) / t`` as an unevaluated sum ``q + q_lo`` accurate well beyond one ulp.
+
+    ``q = fl(hi / t)``; the remainder ``hi - q * t`` is computed exactly from products of
+    half-width splits (each partial product is exact, so contraction into FMAs cannot change
+    it), then divided by ``t`` as a first-order correction.
+    """
+    q = hi / t
+    q_hi, q_lo = _split(q)
+    t_hi, t_lo = _split(jnp.broadcast_to(t, q.shape).astype(q.dtype))
+    remainder = (((hi - q_hi * t_hi) - q_hi * t_lo) - q_lo * t_hi) - q_lo * t_lo
+    correction = (remainder + lo) / t
+    return q, jnp.where(jnp.isfinite(correction), correction, jnp.zeros_like(correction))
+
+
+class Shifted(NamedTuple):
+    """The shifted, tempered logits of a row, ``(x - max) / T == hi + lo`` (``hi <= 0``).
+
+    ``shift`` is the row maximum of the untempered (masked) input, 0 for empty rows.
+    ``empty`` is True for rows with no valid entry.
+    """
+
+    hi: jax.Array
+    lo: jax.Array
+    shift: jax.Array
+    empty: jax.Array
+
+
+def shift_rows(x: jax.Array, axes: Axes, where: jax.Array | None, temperature=None) -> Shifted:
+    """Masks, shifts and tempers ``x`` (already in its compute dtype) along ``axes``.
+
+    ``temperature`` is None (meaning 1) or a positive array broadcastable to ``x`` with
+    size-1 reduced axes. Since ``T > 0`` the row maximum of ``x / T`` is ``max(x) / T``,
+    so the shift is taken on ``x`` itself and the division applied to the exact difference.
+    """
+    x = mask_invalid(x, where)
+    raw_max = jnp.max(x, axis=axes, keepdims=True)
+    empty = raw_max == -jnp.inf
+    shift = lax.stop_gradient(jnp.where(empty, jnp.zeros_like(raw_max), raw_max))
+    hi, lo = two_sum(x, -shift)
+    if temperature is not None:
+        hi, lo = divide_compensated(hi, lo, temperature)
+    return Shifted(hi, lo, shift, lax.stop_gradient(empty))
+
+
+def exp_compensated(hi: jax.Array, lo: jax.Array) -> jax.Array:
+    """``exp(hi + lo)`` for ``|lo| <= ulp(hi)``: ``exp(hi) * (1 + lo)`` to first order."""
+    e = jnp.exp(hi)
+    return e + e * lo
+
+
+def compensated_sum(e: jax.Array, axes: Axes, partials: int = 512) -> jax.Array:
+    """Sum over ``axes`` (dims kept) with an error below one ulp of the result.
+
+    A plain float32 reduction of 32k terms is off by ~2 ulp, and that error lands on every
+    probability of the row. Here the row is first folded into ``partials`` strided partial
+    sums (each ~1/partials of the total, so their rounding errors are small in absolute
+    terms), and those are added pairwise with TwoSum, carrying every rounding error along,
+    so the largest additions are exact. The extra work is on ``partials`` numbers a row.
+    """
+    keep = [a for a in range(e.ndim) if a not in axes]
+    lead = tuple(e.shape[a] for a in keep)
+    flat = jnp.transpose(e, keep + list(axes)).reshape(lead + (-1,))
+    n = flat.shape[-1]
+    if n > partials:
+        folds = -(-n // partials)
+        flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, folds * partials - n)])
+        flat = flat.reshape(lead + (folds, partials)).sum(axis=-2)
+    total, carry = flat, jnp.zeros_like(flat)
+    while total.shape[-1] > 1:
+        n = total.shape[-1]
+        h = n // 2
+        s, err = two_sum(total[..., :h], total[..., h : 2 * h])
+        c = carry[..., :h] + carry[..., h : 2 * h] + err
+        total = jnp.concatenate([s, total[..., 2 * h :]], axis=-1)
+        carry = jnp.concatenate([c, carry[..., 2 * h :]], axis=-1)
+    return jnp.expand_dims((total + carry)[..., 0], axes)
+
+
+def log_normalizer(shifted: Shifted, e: jax.Array, axes: Axes) -> jax.Array:
+    """``log(sum(exp(hi + lo)))`` over ``axes``, keeping the dims; 0 for empty rows.
+
+    The entries at the maximum contribute exactly 1 each; summing only the others (``rest``)
+    and taking ``log1p(rest + count - 1)`` keeps full relative accuracy when one class
+    dominates, where ``log(sum)`` would round to exactly 0.
+    """
+    at_max = shifted.hi == 0
+    count = jnp.sum(at_max, axis=axes, keepdims=True).astype(e.dtype)
+    # At the maximum e == 1 exactly, so e - 1 adds 0 to the value while keeping the
+    # derivative of those entries (this function is differentiated to second order).
+    rest = compensated_sum(jnp.where(at_max, e - 1, e), axes)
+    log_sum = jnp.log1p(rest + (count - 1))
+    return jnp.where(shifted.empty, jnp.zeros_like(log_sum), log_sum)
+
+
+def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` with 0 wherever ``den == 0`` (an empty row or an empty reduction)."""
+    zero = den == 0
+    return jnp.where(zero, jnp.zeros_like(num), num / jnp.where(zero, jnp.ones_like(den), den))
+
+
+def zero_where_prob_zero(p: jax.Array, v: jax.Array) -> jax.Array:
+    """``p * v`` with exact zeros where ``p == 0``, whatever ``v`` is there.
+
+    Used in derivative rules: a masked or ``-inf`` entry has probability 0 and must
+    contribute nothing even where its tangent is infinite or undefined.
+    """
+    return jnp.where(p == 0, jnp.zeros_like(p), p * v)
