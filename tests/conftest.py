@@ -2,7 +2,7 @@
 
 import os
 
-# Tests that need several devices set this before jax is imported; harmless otherwise.
+# 8 virtual CPU devices for the sharding tests; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
@@ -10,15 +10,11 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-# Tolerance of a result against a float64 reference, by the dtype it is computed in: the
-# rounding of the output dtype plus a few ulps of the float32 compute.
-RTOL = {
-    np.dtype("float64"): 1e-12,
-    np.dtype("float32"): 2e-6,
-    np.dtype("bfloat16") if hasattr(np, "bfloat16") else "bfloat16": 1e-2,
-}
+# Relative tolerance of a result against a float64 reference, by the dtype it is computed
+# in and returned as: the rounding of that dtype plus a few float32 ulps of arithmetic.
 TOL = {"float64": 1e-12, "float32": 2e-6, "bfloat16": 8e-3, "float16": 1e-3}
 
 
 def tol(dtype) -> float:
+    """The relative tolerance for results of ``dtype`` (see ``TOL``)."""
     return TOL[np.dtype(dtype).name]
