@@ -66,8 +66,7 @@ class RowStats(NamedTuple):
 def row_stats(z: jax.Array) -> RowStats:
     """Max shift and ``log(sum(exp(z - shift)))`` of the compute-dtype logits ``z``."""
     s = nx.shift_rows(z, (z.ndim - 1,), None)
-    e = nx.exp_compensated(s.hi, s.lo)
-    return RowStats(s.shift, nx.log_normalizer(s, e, (z.ndim - 1,)))
+    return RowStats(s.shift, nx.log_normalizer(s, (z.ndim - 1,)))
 
 
 def neg_log_probs(z: jax.Array, stats: RowStats) -> jax.Array:

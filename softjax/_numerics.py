@@ -119,7 +119,11 @@ def shift_rows(x: jax.Array, axes: Axes, where: jax.Array | None, temperature=No
     shift = lax.stop_gradient(jnp.where(empty, jnp.zeros_like(raw_max), raw_max))
     hi, lo = two_sum(x, -shift)
     if temperature is not None:
-        hi, lo = divide_compensated(hi, lo, temperature)
+        # Divide only finite differences: -inf / T is -inf anyway, and its derivative with
+        # respect to T (-inf * dT) would poison second derivatives through the mask.
+        finite = jnp.isfinite(hi)
+        q, q_lo = divide_compensated(jnp.where(finite, hi, 0.0), lo, temperature)
+        hi, lo = jnp.where(finite, q, hi), q_lo
     return Shifted(hi, lo, shift, lax.stop_gradient(empty))
 
 
@@ -157,7 +161,13 @@ def compensated_sum(e: jax.Array, axes: Axes, partials: int = 512) -> jax.Array:
     return jnp.expand_dims((total + carry)[..., 0], axes)
 
 
-def log_normalizer(shifted: Shifted, e: jax.Array, axes: Axes) -> jax.Array:
+# log_normalizer sums exp(shifted + LIFT) * exp(-LIFT): the terms that decide the tiny
+# log-probability of a dominant class lie below exp(-87), where float32 is subnormal and
+# XLA flushes to zero; lifted by e**32 they stay normal (and V * e**32 cannot overflow).
+LIFT = 32.0
+
+
+def log_normalizer(shifted: Shifted, axes: Axes) -> jax.Array:
     """``log(sum(exp(hi + lo)))`` over ``axes``, keeping the dims; 0 for empty rows.
 
     The entries at the maximum contribute exactly 1 each; summing only the others (``rest``)
@@ -165,11 +175,13 @@ def log_normalizer(shifted: Shifted, e: jax.Array, axes: Axes) -> jax.Array:
     dominates, where ``log(sum)`` would round to exactly 0.
     """
     at_max = shifted.hi == 0
+    hi, lo = two_sum(shifted.hi, jnp.asarray(LIFT, shifted.hi.dtype))
+    e = exp_compensated(hi, lo + shifted.lo)
     count = jnp.sum(at_max, axis=axes, keepdims=True).astype(e.dtype)
-    # At the maximum e == 1 exactly, so e - 1 adds 0 to the value while keeping the
-    # derivative of those entries (this function is differentiated to second order).
-    rest = compensated_sum(jnp.where(at_max, e - 1, e), axes)
-    log_sum = jnp.log1p(rest + (count - 1))
+    # At the maximum the term is excluded by value but kept in the derivative (this
+    # function is differentiated to second order inside the losses' backward passes).
+    rest = compensated_sum(jnp.where(at_max, e - lax.stop_gradient(e), e), axes)
+    log_sum = jnp.log1p(rest * np.exp(-LIFT) + (count - 1))
     return jnp.where(shifted.empty, jnp.zeros_like(log_sum), log_sum)
 
 

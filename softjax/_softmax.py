@@ -68,8 +68,9 @@ def _softmax_jvp(axes, primals, tangents):
     x_dot, _, t_dot = tangents
     p, shifted = _softmax_value(x, where, t, axes)
     dz = _tempered_tangent(x, where, _compute_t(t, x.dtype), axes, x_dot, t_dot, shifted)
-    p_dz = nx.zero_where_prob_zero(p, dz)
-    dp = p_dz - p * jnp.sum(p_dz, axis=axes, keepdims=True)
+    # dz is finite everywhere (masked and -inf entries included), so p * dz is exactly 0
+    # where p is; the only residual is p itself.
+    dp = p * (dz - jnp.sum(p * dz, axis=axes, keepdims=True))
     return p.astype(x.dtype), dp.astype(x.dtype)
 
 
@@ -112,11 +113,12 @@ def softmax(x, axis: Axis = -1, *, where=None, temperature=1.0) -> jax.Array:
 
 def _log_softmax_value(x, where, t, axes):
     s = nx.shift_rows(nx.upcast(x), axes, where, _compute_t(t, x.dtype))
-    e = nx.exp_compensated(s.hi, s.lo)
-    log_norm = nx.log_normalizer(s, e, axes)
+    log_norm = nx.log_normalizer(s, axes)
     # (hi - L) + lo: hi <= 0 and L >= 0 never cancel; the clamp only removes the sign of a
     # rounding residue at the maximum, so no log-probability is ever positive.
-    return jnp.minimum((s.hi - log_norm) + s.lo, 0.0), s
+    logp = jnp.minimum((s.hi - log_norm) + s.lo, 0.0)
+    # Excluded entries are the constant -inf (no derivative through log_norm).
+    return jnp.where(s.hi == -jnp.inf, -jnp.inf, logp), s
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -178,7 +180,7 @@ def logsumexp_with_probs(x, axes, where):
     """
     s = nx.shift_rows(nx.upcast(x), axes, where)
     e = nx.exp_compensated(s.hi, s.lo)
-    log_norm = nx.log_normalizer(s, e, axes)
+    log_norm = nx.log_normalizer(s, axes)
     lse = jnp.where(s.empty, -jnp.inf, s.shift + log_norm)
     p = nx.safe_divide(e, nx.compensated_sum(e, axes))
     return lse, p
