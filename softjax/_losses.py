@@ -151,16 +151,15 @@ def _safe_index(labels, num_classes):
 
 @jax.custom_vjp
 def _int_label_losses(logits, labels, valid, class_weight, opts: Options):
-    z = softcap(nx.upcast(logits), opts.softcap)
-    terms = label_terms(labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts)
-    return row_losses(z, labels, terms, class_weight, row_stats(z))
+    return _int_label_fwd(logits, labels, valid, class_weight, opts)[0]
 
 
 def _int_label_fwd(logits, labels, valid, class_weight, opts):
     z = softcap(nx.upcast(logits), opts.softcap)
     stats = row_stats(z)
     terms = label_terms(labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts)
-    out = row_losses(z, labels, terms, class_weight, stats)
+    # Excluded rows contribute exactly 0, whatever their logits hold (NaN included).
+    out = jnp.where(valid, row_losses(z, labels, terms, class_weight, stats), 0.0)
     return out, (logits, labels, valid, class_weight, opts, stats)
 
 

@@ -26,6 +26,7 @@ output of that row and no other.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -181,7 +182,7 @@ def log_normalizer(shifted: Shifted, axes: Axes) -> jax.Array:
     # At the maximum the term is excluded by value but kept in the derivative (this
     # function is differentiated to second order inside the losses' backward passes).
     rest = compensated_sum(jnp.where(at_max, e - lax.stop_gradient(e), e), axes)
-    log_sum = jnp.log1p(rest * np.exp(-LIFT) + (count - 1))
+    log_sum = jnp.log1p(rest * math.exp(-LIFT) + (count - 1))
     return jnp.where(shifted.empty, jnp.zeros_like(log_sum), log_sum)
 
 
