@@ -326,6 +326,7 @@ def cross_entropy(
       Array(0.46436879, dtype=float32)
     """
     logits = _checks.floating(logits, "logits")
+    given_axis = axis
     (axis,) = _checks.normalize_axes(axis, logits.ndim)
     logits = jnp.moveaxis(logits, axis, -1)
     num_classes = logits.shape[-1]
@@ -348,7 +349,7 @@ def cross_entropy(
             raise ValueError("ignore_index applies to integer labels only; use where instead")
         losses = _soft_label_losses(logits, labels_arr, valid, class_weight, opts)
         return reduce_losses(losses, jnp.sum(valid, dtype=dtype), reduction)
-    desc = f"logits {jnp.moveaxis(logits, -1, axis).shape} without axis {axis}"
+    desc = f"logits {jnp.moveaxis(logits, -1, axis).shape} without axis {given_axis}"
     labels_arr = check_int_labels(labels_arr, batch_shape, desc)
     if ignore_index is not None:
         valid = valid & (labels_arr != ignore_index)
