@@ -71,3 +71,28 @@ def ulp(a: np.ndarray, dtype) -> np.ndarray:
 
     _, exponent = np.frexp(a)  # a = m * 2**exponent, m in [0.5, 1)
     return np.ldexp(1.0, exponent - 1 - int(jnp.finfo(dtype).nmant))
+
+
+def compare_row(
+    op: str, case: str, dtype: str, peer: str, ours, theirs, args, reps: int, errors=None
+) -> dict:
+    """One table row: ``ours`` beside ``theirs`` on ``args`` (times interleaved, memory exact).
+
+    ``errors`` is an optional callable ``(out_ours, out_theirs) -> (err_ours, err_theirs)``.
+    """
+    ours_j, theirs_j = jax.jit(ours), jax.jit(theirs)
+    t_ours, t_theirs = median_times([ours_j, theirs_j], args, reps=reps)
+    row = {
+        "op": op,
+        "case": case,
+        "dtype": dtype,
+        "peer": peer,
+        "time_ratio": t_ours / t_theirs,
+        "softjax_ms": 1e3 * t_ours,
+        "peer_ms": 1e3 * t_theirs,
+        "softjax_MiB": temp_bytes(ours, *args) / 2**20,
+        "peer_MiB": temp_bytes(theirs, *args) / 2**20,
+    }
+    if errors is not None:
+        row["softjax_err"], row["peer_err"] = errors(ours_j(*args), theirs_j(*args))
+    return row

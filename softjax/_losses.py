@@ -71,8 +71,7 @@ def row_stats(z: jax.Array) -> RowStats:
 
 def neg_log_probs(z: jax.Array, stats: RowStats) -> jax.Array:
     """``-log_softmax(z)`` from the row statistics, ``>= 0`` and without cancellation."""
-    hi, lo = nx.two_sum(z, -stats.shift)
-    return (stats.log_norm - hi) - lo
+    return -nx.minus_compensated(z, *nx.two_sum(stats.shift, stats.log_norm))
 
 
 def probs(z: jax.Array, stats: RowStats) -> jax.Array:

@@ -97,7 +97,7 @@ def divide_compensated(hi: jax.Array, lo: jax.Array, t: jax.Array) -> tuple[jax.
 class Shifted(NamedTuple):
     """The shifted, tempered logits of a row, ``(x - max) / T == hi + lo`` (``hi <= 0``).
 
-    ``shift`` is the row maximum of the untempered (masked) input, 0 for empty rows.
+    ``shift`` is the row maximum of the untempered (masked) input ``x``, 0 for empty rows.
     ``empty`` is True for rows with no valid entry.
     """
 
@@ -105,6 +105,7 @@ class Shifted(NamedTuple):
     lo: jax.Array
     shift: jax.Array
     empty: jax.Array
+    x: jax.Array
 
 
 def shift_rows(x: jax.Array, axes: Axes, where: jax.Array | None, temperature=None) -> Shifted:
@@ -125,7 +126,7 @@ def shift_rows(x: jax.Array, axes: Axes, where: jax.Array | None, temperature=No
         finite = jnp.isfinite(hi)
         q, q_lo = divide_compensated(jnp.where(finite, hi, 0.0), lo, temperature)
         hi, lo = jnp.where(finite, q, hi), q_lo
-    return Shifted(hi, lo, shift, lax.stop_gradient(empty))
+    return Shifted(hi, lo, shift, lax.stop_gradient(empty), x)
 
 
 def exp_compensated(hi: jax.Array, lo: jax.Array) -> jax.Array:
@@ -178,12 +179,25 @@ def log_normalizer(shifted: Shifted, axes: Axes) -> jax.Array:
     at_max = shifted.hi == 0
     hi, lo = two_sum(shifted.hi, jnp.asarray(LIFT, shifted.hi.dtype))
     e = exp_compensated(hi, lo + shifted.lo)
-    count = jnp.sum(at_max, axis=axes, keepdims=True).astype(e.dtype)
+    # Counted from x itself (x == max iff hi == 0), so that this reduction and the one
+    # below share no intermediate that XLA would then materialise at full size.
+    count = jnp.sum((shifted.x == shifted.shift).astype(e.dtype), axis=axes, keepdims=True)
     # At the maximum the term is excluded by value but kept in the derivative (this
     # function is differentiated to second order inside the losses' backward passes).
     rest = compensated_sum(jnp.where(at_max, e - lax.stop_gradient(e), e), axes)
     log_sum = jnp.log1p(rest * math.exp(-LIFT) + (count - 1))
     return jnp.where(shifted.empty, jnp.zeros_like(log_sum), log_sum)
+
+
+def minus_compensated(x: jax.Array, c_hi: jax.Array, c_lo: jax.Array) -> jax.Array:
+    """``x - (c_hi + c_lo)`` rounded once, for a per-row ``c`` given as an exact pair.
+
+    Used for ``log_softmax = x - (max + log_norm)``: evaluated straight from ``x`` rather
+    than from the shifted ``hi + lo`` so that the output pass shares no full-size
+    intermediate with the reductions (XLA would materialise it), at the same accuracy.
+    """
+    s, err = two_sum(x, -c_hi)
+    return s + (err - c_lo)
 
 
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:

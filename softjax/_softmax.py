@@ -114,9 +114,15 @@ def softmax(x, axis: Axis = -1, *, where=None, temperature=1.0) -> jax.Array:
 def _log_softmax_value(x, where, t, axes):
     s = nx.shift_rows(nx.upcast(x), axes, where, _compute_t(t, x.dtype))
     log_norm = nx.log_normalizer(s, axes)
-    # (hi - L) + lo: hi <= 0 and L >= 0 never cancel; the clamp only removes the sign of a
-    # rounding residue at the maximum, so no log-probability is ever positive.
-    logp = jnp.minimum((s.hi - log_norm) + s.lo, 0.0)
+    if t is None:
+        # x - (max + L) with max + L kept as an exact pair: one rounding.
+        logp = nx.minus_compensated(s.x, *nx.two_sum(s.shift, log_norm))
+    else:
+        # (hi - L) + lo: hi <= 0 and L >= 0 never cancel.
+        logp = (s.hi - log_norm) + s.lo
+    # The clamp only removes the sign of a rounding residue at the maximum, so no
+    # log-probability is ever positive.
+    logp = jnp.minimum(logp, 0.0)
     # Excluded entries are the constant -inf (no derivative through log_norm).
     return jnp.where(s.hi == -jnp.inf, -jnp.inf, logp), s
 

@@ -1,0 +1,140 @@
+"""cross_entropy and binary_cross_entropy beside optax (and torch when installed)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import softjax as sj
+
+from .harness import compare_row, median_times
+
+
+def _rel_err_ulps(value, ref: float) -> float:
+    return float(abs(float(value) - ref) / (abs(ref) * 2.0**-23))
+
+
+def ce_reference(x64: np.ndarray, labels: np.ndarray) -> float:
+    m = x64.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(x64 - m).sum(-1, keepdims=True)))[:, 0]
+    return float(np.mean(lse - x64[np.arange(len(labels)), labels]))
+
+
+def bce_reference(x64: np.ndarray, t64: np.ndarray) -> float:
+    return float(np.mean(np.logaddexp(0, -x64) * t64 + np.logaddexp(0, x64) * (1 - t64)))
+
+
+def run(args) -> list[dict]:
+    shape = (64, 1024) if args.quick else (2048, 32768)
+    reps = args.reps or (3 if args.quick else 7)
+    rng = np.random.default_rng(0)
+    x32 = (rng.standard_normal(shape) * 3).astype(np.float32)
+    labels = jnp.asarray(rng.integers(0, shape[1], shape[0]), jnp.int32)
+    t32 = (rng.random(shape) < 0.1).astype(np.float32)
+    size = f"{shape[0]}x{shape[1]}"
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        x = jnp.asarray(x32).astype(dtype)
+        x64 = np.asarray(x.astype(jnp.float32), np.float64)
+        ce_ref = ce_reference(x64, np.asarray(labels))
+
+        def ours(x):
+            return sj.cross_entropy(x, labels)
+
+        def theirs(x):
+            return optax.softmax_cross_entropy_with_integer_labels(x, labels).mean()
+
+        def errors(a, b, ref=ce_ref):
+            return _rel_err_ulps(a, ref), _rel_err_ulps(b, ref)
+
+        peer = "optax int-label CE"
+        rows.append(
+            compare_row(
+                "cross_entropy", f"{size} fwd", dtype, peer, ours, theirs, (x,), reps, errors
+            )
+        )
+        rows.append(
+            compare_row(
+                "cross_entropy",
+                f"{size} fwd+bwd",
+                dtype,
+                peer,
+                jax.grad(ours),
+                jax.grad(theirs),
+                (x,),
+                reps,
+            )
+        )
+
+        t = jnp.asarray(t32).astype(dtype)
+        bce_ref = bce_reference(x64, t32.astype(np.float64))
+
+        def ours_b(x):
+            return sj.binary_cross_entropy(x, t)
+
+        def theirs_b(x):
+            return optax.sigmoid_binary_cross_entropy(x, t).mean()
+
+        def errors_b(a, b, ref=bce_ref):
+            return _rel_err_ulps(a, ref), _rel_err_ulps(b, ref)
+
+        peer = "optax sigmoid BCE"
+        rows.append(
+            compare_row(
+                "binary_cross_entropy",
+                f"{size} fwd",
+                dtype,
+                peer,
+                ours_b,
+                theirs_b,
+                (x,),
+                reps,
+                errors_b,
+            )
+        )
+        rows.append(
+            compare_row(
+                "binary_cross_entropy",
+                f"{size} fwd+bwd",
+                dtype,
+                peer,
+                jax.grad(ours_b),
+                jax.grad(theirs_b),
+                (x,),
+                reps,
+            )
+        )
+    rows.extend(torch_rows(x32, np.asarray(labels), reps))
+    return rows
+
+
+def torch_rows(x32, labels, reps) -> list[dict]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    xt = torch.from_numpy(x32).requires_grad_(True)
+    yt = torch.from_numpy(labels.astype(np.int64))
+
+    def torch_step():
+        xt.grad = None
+        torch.nn.functional.cross_entropy(xt, yt).backward()
+        return xt.grad
+
+    labels_j = jnp.asarray(labels)
+    grad = jax.jit(jax.grad(lambda x: sj.cross_entropy(x, labels_j)))
+    x = jnp.asarray(x32)
+    t_ours, t_torch = median_times([lambda: grad(x), torch_step], (), reps=reps)
+    return [
+        {
+            "op": "cross_entropy",
+            "case": f"{x32.shape[0]}x{x32.shape[1]} fwd+bwd",
+            "dtype": "float32",
+            "peer": f"torch {torch.__version__}",
+            "time_ratio": t_ours / t_torch,
+            "softjax_ms": 1e3 * t_ours,
+            "peer_ms": 1e3 * t_torch,
+        }
+    ]

@@ -1,0 +1,95 @@
+"""softmax, log_softmax, logsumexp beside jax.nn (and torch when installed)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import softjax as sj
+
+from .harness import compare_row, median_times, ulp_error
+
+OPS = {
+    "softmax": (sj.softmax, jax.nn.softmax),
+    "log_softmax": (sj.log_softmax, jax.nn.log_softmax),
+    "logsumexp": (sj.logsumexp, partial(jax.nn.logsumexp, axis=-1)),
+}
+
+ERR_ROWS = 128  # rows checked against float64 (the reference is computed in NumPy)
+
+
+def reference(op: str, x64: np.ndarray) -> np.ndarray:
+    m = x64.max(-1, keepdims=True)
+    e = np.exp(x64 - m)
+    at_max = x64 == m
+    log_norm = np.log1p(
+        np.where(at_max, 0.0, e).sum(-1, keepdims=True) + (at_max.sum(-1, keepdims=True) - 1)
+    )
+    logp = x64 - m - log_norm
+    return {"softmax": np.exp(logp), "log_softmax": logp, "logsumexp": (m + log_norm)[..., 0]}[op]
+
+
+def fwd_bwd(f):
+    def loss(x):
+        return jnp.sum(f(x).astype(jnp.float32) * 0.5)
+
+    return jax.grad(loss)
+
+
+def run(args) -> list[dict]:
+    shape = (64, 1024) if args.quick else (2048, 32768)
+    reps = args.reps or (3 if args.quick else 7)
+    rng = np.random.default_rng(0)
+    x32 = (rng.standard_normal(shape) * 10).astype(np.float32)  # logit scale 10
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        x = jnp.asarray(x32).astype(dtype)
+        x64 = np.asarray(x[:ERR_ROWS].astype(jnp.float32), np.float64)
+        for name, (ours, theirs) in OPS.items():
+            ref = reference(name, x64)
+
+            def errors(a, b, ref=ref):
+                return ulp_error(a[:ERR_ROWS], ref, dtype), ulp_error(b[:ERR_ROWS], ref, dtype)
+
+            case = f"{shape[0]}x{shape[1]} fwd"
+            rows.append(compare_row(name, case, dtype, "jax.nn", ours, theirs, (x,), reps, errors))
+            case = f"{shape[0]}x{shape[1]} fwd+bwd"
+            rows.append(
+                compare_row(name, case, dtype, "jax.nn", fwd_bwd(ours), fwd_bwd(theirs), (x,), reps)
+            )
+    rows.extend(torch_rows(x32, reps))
+    return rows
+
+
+def torch_rows(x32: np.ndarray, reps: int) -> list[dict]:
+    """softjax beside torch's CPU kernels (forward, float32), when torch is installed."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    xt = torch.from_numpy(x32)
+    x = jnp.asarray(x32)
+    peers = {
+        "softmax": lambda: torch.softmax(xt, -1),
+        "log_softmax": lambda: torch.log_softmax(xt, -1),
+        "logsumexp": lambda: torch.logsumexp(xt, -1),
+    }
+    rows = []
+    for name, (ours, _) in OPS.items():
+        ours_j = jax.jit(ours)
+        t_ours, t_torch = median_times([lambda: ours_j(x), peers[name]], (), reps=reps)
+        rows.append(
+            {
+                "op": name,
+                "case": f"{x32.shape[0]}x{x32.shape[1]} fwd",
+                "dtype": "float32",
+                "peer": f"torch {torch.__version__}",
+                "time_ratio": t_ours / t_torch,
+                "softjax_ms": 1e3 * t_ours,
+                "peer_ms": 1e3 * t_torch,
+            }
+        )
+    return rows
