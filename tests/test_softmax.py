@@ -39,13 +39,19 @@ def ref_softmax(x, axis=-1, where=None, temperature=1.0):
 
 
 def ref_logsumexp(x, axis=-1, where=None):
+    """max + log1p(sum of the non-maximal terms + ties), in float64."""
     x = np.asarray(x, np.float64)
     if where is not None:
         x = np.where(where, x, -np.inf)
-    log_p = ref_log_softmax(x, axis)
-    with np.errstate(invalid="ignore"):
-        lse = x - log_p  # the same at every valid entry of a row
-    return np.max(np.where(np.isfinite(lse), lse, -np.inf), axis=axis)
+    m = np.max(x, axis=axis, keepdims=True)
+    safe_m = np.where(np.isneginf(m), 0.0, m)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e = np.exp(x - safe_m)
+        at_max = x == m
+        rest = np.sum(np.where(at_max, 0.0, e), axis=axis, keepdims=True)
+        count = np.sum(at_max & np.isfinite(x), axis=axis, keepdims=True)
+        lse = np.where(count == 0, -np.inf, safe_m + np.log1p(rest + (count - 1)))
+    return np.squeeze(lse, axis)
 
 
 def logits(shape, scale=1.0, seed=0, dtype=np.float32):
