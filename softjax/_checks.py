@@ -97,7 +97,7 @@ def temperature(t, shape: tuple, axes: tuple):
     if t.ndim > len(shape):
         raise ValueError(f"temperature has shape {t.shape}, which does not broadcast to {shape}")
     padded = (1,) * (len(shape) - t.ndim) + t.shape
-    for i, (dt, dx) in enumerate(zip(padded, shape)):
+    for i, (dt, dx) in enumerate(zip(padded, shape, strict=True)):
         if dt not in (1, dx):
             raise ValueError(
                 f"temperature has shape {t.shape}, which does not broadcast to {shape}"

@@ -13,7 +13,6 @@ vocabulary-scale loss (``softjax._vocab``) reuses block by block rather than re-
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -66,7 +65,7 @@ class RowStats(NamedTuple):
 def row_stats(z: jax.Array) -> RowStats:
     """Max shift and ``log(sum(exp(z - shift)))`` of the compute-dtype logits ``z``."""
     s = nx.shift_rows(z, (z.ndim - 1,), None)
-    return RowStats(s.shift, nx.log_normalizer(s, (z.ndim - 1,)))
+    return RowStats(s.shift, nx.log_normalizer(s.x, s.shift, (z.ndim - 1,)))
 
 
 def neg_log_probs(z: jax.Array, stats: RowStats) -> jax.Array:
@@ -75,9 +74,12 @@ def neg_log_probs(z: jax.Array, stats: RowStats) -> jax.Array:
 
 
 def probs(z: jax.Array, stats: RowStats) -> jax.Array:
-    """``softmax(z)`` recomputed from the row statistics (the backward pass)."""
-    hi, lo = nx.two_sum(z, -stats.shift)
-    return nx.exp_compensated(hi - stats.log_norm, lo)
+    """``softmax(z)`` recomputed from the row statistics (the backward pass).
+
+    Plain ``exp(z - lse)``: a gradient entry's error is relative to the row's gradient, so
+    the compensation that the forward values need would buy nothing here but time.
+    """
+    return jnp.exp(z - stats.lse)
 
 
 class LabelTerms(NamedTuple):
@@ -111,8 +113,9 @@ def label_terms(labels, valid, label_weight, num_classes: int, opts: Options) ->
 
 def row_losses(z, labels, terms: LabelTerms, class_weight, stats: RowStats):
     """Integer-label per-row losses from capped logits ``z`` [..., C] (compute dtype)."""
+    z_y = jnp.take_along_axis(z, _safe_index(labels, z.shape[-1])[..., None], axis=-1)
+    n_y = neg_log_probs(z_y, stats)[..., 0]  # from the target logit alone: no [..., C] pass
     n = neg_log_probs(z, stats)
-    n_y = jnp.take_along_axis(n, _safe_index(labels, z.shape[-1])[..., None], axis=-1)[..., 0]
     loss = terms.nll_coef * n_y
     smooth = jnp.sum(n if class_weight is None else n * class_weight, axis=-1)
     loss = loss + jnp.where(terms.smooth_coef == 0, 0.0, terms.smooth_coef * smooth)
@@ -156,7 +159,9 @@ def _int_label_losses(logits, labels, valid, class_weight, opts: Options):
 def _int_label_fwd(logits, labels, valid, class_weight, opts):
     z = softcap(nx.upcast(logits), opts.softcap)
     stats = row_stats(z)
-    terms = label_terms(labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts)
+    terms = label_terms(
+        labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
+    )
     # Excluded rows contribute exactly 0, whatever their logits hold (NaN included).
     out = jnp.where(valid, row_losses(z, labels, terms, class_weight, stats), 0.0)
     return out, (logits, labels, valid, class_weight, opts, stats)
@@ -165,7 +170,9 @@ def _int_label_fwd(logits, labels, valid, class_weight, opts):
 def _int_label_bwd(res, g):
     logits, labels, valid, class_weight, opts, stats = res
     z = softcap(nx.upcast(logits), opts.softcap)
-    terms = label_terms(labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts)
+    terms = label_terms(
+        labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
+    )
     grad = row_loss_grads(z, labels, terms, class_weight, stats, g)
     grad = softcap_grad(nx.upcast(logits), opts.softcap, grad)
     # Excluded rows get exactly zero gradient, whatever their logits hold.
@@ -229,8 +236,12 @@ def _soft_label_bwd(res, g):
     n = neg_log_probs(z, stats)
     grad_labels = (1 - opts.smoothing) * w * jnp.where(valid[..., None], n, 0.0) * g[..., None]
     grad_labels = grad_labels.astype(labels.dtype)
-    return grad_logits, grad_labels, None, _zeros_or_none(class_weight), jax.tree.map(
-        jnp.zeros_like, opts
+    return (
+        grad_logits,
+        grad_labels,
+        None,
+        _zeros_or_none(class_weight),
+        jax.tree.map(jnp.zeros_like, opts),
     )
 
 
@@ -257,7 +268,9 @@ def check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
     if logit_softcap is not None:
         _checks.positive(logit_softcap, "logit_softcap")
     cast = lambda v: jnp.asarray(v, dtype)  # noqa: E731
-    return Options(cast(label_smoothing), cast(z_loss), None if logit_softcap is None else cast(logit_softcap))
+    return Options(
+        cast(label_smoothing), cast(z_loss), None if logit_softcap is None else cast(logit_softcap)
+    )
 
 
 def check_int_labels(labels, batch_shape: tuple, logits_desc: str):
@@ -270,7 +283,9 @@ def check_int_labels(labels, batch_shape: tuple, logits_desc: str):
         )
     labels = _checks.integer(labels, "labels")
     if labels.shape != batch_shape:
-        raise ValueError(f"labels has shape {labels.shape} but {logits_desc} has shape {batch_shape}")
+        raise ValueError(
+            f"labels has shape {labels.shape} but {logits_desc} has shape {batch_shape}"
+        )
     return labels
 
 
@@ -422,7 +437,9 @@ def _broadcastable(x, shape, name, dtype):
     try:
         jnp.broadcast_shapes(x.shape, shape)
     except ValueError:
-        raise ValueError(f"{name} has shape {x.shape}, which does not broadcast to {shape}") from None
+        raise ValueError(
+            f"{name} has shape {x.shape}, which does not broadcast to {shape}"
+        ) from None
     if jnp.broadcast_shapes(x.shape, shape) != tuple(shape):
         raise ValueError(f"{name} has shape {x.shape}, which does not broadcast to {shape}")
     return x.astype(dtype)

@@ -27,12 +27,14 @@ output of that row and no other.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 Axes = tuple[int, ...]
 
@@ -163,30 +165,65 @@ def compensated_sum(e: jax.Array, axes: Axes, partials: int = 512) -> jax.Array:
     return jnp.expand_dims((total + carry)[..., 0], axes)
 
 
-# log_normalizer sums exp(shifted + LIFT) * exp(-LIFT): the terms that decide the tiny
+# The log normaliser sums exp(z - shift + LIFT) * exp(-LIFT): the terms that decide the tiny
 # log-probability of a dominant class lie below exp(-87), where float32 is subnormal and
 # XLA flushes to zero; lifted by e**32 they stay normal (and V * e**32 cannot overflow).
 LIFT = 32.0
 
 
-def log_normalizer(shifted: Shifted, axes: Axes) -> jax.Array:
-    """``log(sum(exp(hi + lo)))`` over ``axes``, keeping the dims; 0 for empty rows.
+def log_normalizer(z: jax.Array, shift: jax.Array, axes: Axes, lo=None) -> jax.Array:
+    """``log(sum(exp(z - shift + lo)))`` over ``axes``, dims kept; 0 for empty rows.
 
-    The entries at the maximum contribute exactly 1 each; summing only the others (``rest``)
-    and taking ``log1p(rest + count - 1)`` keeps full relative accuracy when one class
-    dominates, where ``log(sum)`` would round to exactly 0.
+    ``z`` holds the (masked) values with ``-inf`` for excluded entries, ``shift`` their row
+    maximum (0 for an empty row) and ``lo`` an optional compensation term of ``z``.
+
+    The entries at the maximum contribute exactly 1 each; summing only the others
+    (``rest``) and taking ``log1p(rest + count - 1)`` keeps full relative accuracy when one
+    class dominates, where ``log(sum)`` would round to exactly 0.
+
+    Its derivative is the softmax (a custom JVP), so the masks below never enter it.
     """
-    at_max = shifted.hi == 0
-    hi, lo = two_sum(shifted.hi, jnp.asarray(LIFT, shifted.hi.dtype))
-    e = exp_compensated(hi, lo + shifted.lo)
-    # Counted from x itself (x == max iff hi == 0), so that this reduction and the one
-    # below share no intermediate that XLA would then materialise at full size.
-    count = jnp.sum((shifted.x == shifted.shift).astype(e.dtype), axis=axes, keepdims=True)
-    # At the maximum the term is excluded by value but kept in the derivative (this
-    # function is differentiated to second order inside the losses' backward passes).
-    rest = compensated_sum(jnp.where(at_max, e - lax.stop_gradient(e), e), axes)
+    return _log_normalizer(z, shift, lo, axes)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _log_normalizer(z, shift, lo, axes):
+    dtype = z.dtype
+    # Every full-size expression below is arithmetic only, and the two reductions share no
+    # full-size operand (not even a broadcast of ``shift``): on XLA:CPU a select, compare
+    # or shared broadcast in a reduction's input makes XLA materialise that input at full
+    # size, where arithmetic alone fuses into a single streaming pass.
+    big = 2.0 / float(jnp.finfo(dtype).tiny)  # turns any non-zero difference into >= 2
+    c_hi, c_lo = two_sum(shift, jnp.asarray(-LIFT, dtype))
+    # Clamped so that -inf entries give exp(-huge) == 0 rather than NaN through TwoSum.
+    s, err = _two_sum_unguarded(jnp.maximum(z, c_hi - 1e30), -c_hi)
+    if lo is not None:
+        err = err + lo
+    e = jnp.exp(s)
+    e = e + e * (err - c_lo)
+    not_max = jnp.minimum(1.0, (z + (-shift)) * -big)  # 0 at the maximum, else 1
+    rest = jnp.sum(e * not_max, axis=axes, keepdims=True)
+    count = jnp.sum(jnp.maximum(0.0, (z - shift) * big + 2.0), axis=axes, keepdims=True) * 0.5
     log_sum = jnp.log1p(rest * math.exp(-LIFT) + (count - 1))
-    return jnp.where(shifted.empty, jnp.zeros_like(log_sum), log_sum)
+    return jnp.where(count == 0, jnp.zeros_like(log_sum), log_sum)
+
+
+@partial(_log_normalizer.defjvp, symbolic_zeros=True)
+def _log_normalizer_jvp(axes, primals, tangents):
+    z, shift, lo = primals
+    z_dot, _, lo_dot = tangents
+    log_sum = _log_normalizer(z, shift, lo, axes)
+    if isinstance(z_dot, SymbolicZero):
+        return log_sum, jnp.zeros_like(log_sum)
+    dz = z_dot if lo is None or isinstance(lo_dot, SymbolicZero) else z_dot + lo_dot
+    p = jnp.exp((z - shift) - log_sum)  # 0 at -inf entries, whose tangent is finite
+    return log_sum, jnp.sum(p * dz, axis=axes, keepdims=True)
+
+
+def _two_sum_unguarded(a, b):
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
 
 
 def minus_compensated(x: jax.Array, c_hi: jax.Array, c_lo: jax.Array) -> jax.Array:

@@ -113,7 +113,10 @@ def softmax(x, axis: Axis = -1, *, where=None, temperature=1.0) -> jax.Array:
 
 def _log_softmax_value(x, where, t, axes):
     s = nx.shift_rows(nx.upcast(x), axes, where, _compute_t(t, x.dtype))
-    log_norm = nx.log_normalizer(s, axes)
+    if t is None:
+        log_norm = nx.log_normalizer(s.x, s.shift, axes)
+    else:
+        log_norm = nx.log_normalizer(s.hi, jnp.zeros_like(s.shift), axes, s.lo)
     if t is None:
         # x - (max + L) with max + L kept as an exact pair: one rounding.
         logp = nx.minus_compensated(s.x, *nx.two_sum(s.shift, log_norm))
@@ -124,7 +127,7 @@ def _log_softmax_value(x, where, t, axes):
     # log-probability is ever positive.
     logp = jnp.minimum(logp, 0.0)
     # Excluded entries are the constant -inf (no derivative through log_norm).
-    return jnp.where(s.hi == -jnp.inf, -jnp.inf, logp), s
+    return jnp.where(s.x == -jnp.inf, -jnp.inf, logp), s
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -186,7 +189,7 @@ def logsumexp_with_probs(x, axes, where):
     """
     s = nx.shift_rows(nx.upcast(x), axes, where)
     e = nx.exp_compensated(s.hi, s.lo)
-    log_norm = nx.log_normalizer(s, axes)
+    log_norm = nx.log_normalizer(s.x, s.shift, axes)
     lse = jnp.where(s.empty, -jnp.inf, s.shift + log_norm)
     p = nx.safe_divide(e, nx.compensated_sum(e, axes))
     return lse, p

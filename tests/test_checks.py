@@ -53,8 +53,9 @@ def test_traced_temperature_is_not_checked_on_values():
 
 def test_cross_entropy_label_errors():
     with pytest.raises(
-        ValueError, match=r"labels has shape \(5,\) but logits \(4, 3\) without axis -1 has "
-        r"shape \(4,\)"
+        ValueError,
+        match=r"labels has shape \(5,\) but logits \(4, 3\) without axis -1 has "
+        r"shape \(4,\)",
     ):
         sj.cross_entropy(X, jnp.zeros(5, jnp.int32))
     with pytest.raises(ValueError, match="class probabilities must have the shape of logits"):

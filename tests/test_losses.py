@@ -19,8 +19,15 @@ def np_log_softmax(x):
 
 
 def ref_cross_entropy(
-    x, y, weight=None, ignore_index=None, smoothing=0.0, z_loss=0.0, softcap=None,
-    reduction="mean", where=None,
+    x,
+    y,
+    weight=None,
+    ignore_index=None,
+    smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    reduction="mean",
+    where=None,
 ):
     """Integer labels ``y`` [N] or probabilities [N, C]; classes on the last axis."""
     x = np.asarray(x, np.float64)
@@ -128,8 +135,9 @@ def test_integer_labels_match_reference(opts, reduction):
     np.testing.assert_allclose(grad, num, rtol=1e-10, atol=1e-13)
 
 
-def _ce_by_autodiff(x, y, weight=None, ignore_index=None, smoothing=0.0, z_loss=0.0,
-                    softcap=None, reduction="mean"):
+def _ce_by_autodiff(
+    x, y, weight=None, ignore_index=None, smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean"
+):
     """The reference again, in jnp, differentiated by plain autodiff."""
     if softcap is not None:
         x = softcap * jnp.tanh(x / softcap)
@@ -282,8 +290,14 @@ def test_matches_torch_cross_entropy():
         w = None if "weight" not in opts else torch.tensor(opts["weight"])
         for reduction in ("mean", "sum", "none"):
             xt = torch.tensor(X, requires_grad=True)
-            out = f(xt, torch.tensor(Y), weight=w, ignore_index=-100,
-                    label_smoothing=opts.get("smoothing", 0.0), reduction=reduction)
+            out = f(
+                xt,
+                torch.tensor(Y),
+                weight=w,
+                ignore_index=-100,
+                label_smoothing=opts.get("smoothing", 0.0),
+                reduction=reduction,
+            )
             out.sum().backward()
             got, grad = jax.value_and_grad(
                 lambda x: call_ce(x, Y, opts, ignore_index=-100, reduction=reduction).sum()
@@ -291,8 +305,13 @@ def test_matches_torch_cross_entropy():
             np.testing.assert_allclose(got, out.detach().sum().numpy(), rtol=1e-12)
             np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-10, atol=1e-15)
             pt = torch.tensor(P)
-            out = f(torch.tensor(X), pt, weight=w, label_smoothing=opts.get("smoothing", 0.0),
-                    reduction=reduction)
+            out = f(
+                torch.tensor(X),
+                pt,
+                weight=w,
+                label_smoothing=opts.get("smoothing", 0.0),
+                reduction=reduction,
+            )
             np.testing.assert_allclose(
                 call_ce(X, P, opts, reduction=reduction), out.numpy(), rtol=1e-12
             )
@@ -305,7 +324,9 @@ def test_matches_torch_bce_with_logits():
     for kw in ({}, {"weight": W}, {"pos_weight": pw}, {"weight": W, "pos_weight": pw}):
         for reduction in ("mean", "sum", "none"):
             out = torch.nn.functional.binary_cross_entropy_with_logits(
-                torch.tensor(X), torch.tensor(t), reduction=reduction,
+                torch.tensor(X),
+                torch.tensor(t),
+                reduction=reduction,
                 **{k: torch.tensor(v) for k, v in kw.items()},
             )
             got = sj.binary_cross_entropy(X, t, reduction=reduction, **kw)
@@ -322,7 +343,11 @@ def test_bce_matches_reference(reduction):
     pw = RNG.random(6) + 0.5
     for kw in ({}, {"weight": W}, {"pos_weight": pw}, {"smoothing": 0.2}):
         got = sj.binary_cross_entropy(
-            X, t, reduction=reduction, weight=kw.get("weight"), pos_weight=kw.get("pos_weight"),
+            X,
+            t,
+            reduction=reduction,
+            weight=kw.get("weight"),
+            pos_weight=kw.get("pos_weight"),
             label_smoothing=kw.get("smoothing", 0.0),
         )
         np.testing.assert_allclose(got, ref_bce(X, t, reduction=reduction, **kw), rtol=1e-12)

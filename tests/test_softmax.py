@@ -224,7 +224,12 @@ def test_empty_rows_have_zero_gradients(diff):
     }
     for name, f in fns.items():
         if diff == "grad":
-            gx, gt = jax.grad(lambda x, t, f=f: jnp.sum(f(x, t) * jnp.arange(1.0, 1 + f(x, t).size).reshape(f(x, t).shape)), argnums=(0, 1))(x, t)
+            gx, gt = jax.grad(
+                lambda x, t, f=f: jnp.sum(
+                    f(x, t) * jnp.arange(1.0, 1 + f(x, t).size).reshape(f(x, t).shape)
+                ),
+                argnums=(0, 1),
+            )(x, t)
         else:
             jac = getattr(jax, diff)(f, argnums=(0, 1))(x, t)
             gx, gt = jac
