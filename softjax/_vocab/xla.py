@@ -1,0 +1,203 @@
+"""Streaming linear cross-entropy in plain JAX: a loop over vocabulary blocks.
+
+The logits ``z = x @ w.T`` (``[N, V]``) are never materialised. The forward pass visits
+``w`` block by block (``[Bv, D]``) and keeps, per row, an online logsumexp (running max
+``m`` and ``rest = sum_c exp(z_c - m) - 1``, merged across blocks) and the smoothing sum
+``d = sum_c w_c (m - z_c)``. The backward pass visits the blocks again, recomputes each
+block of logits and turns it straight into its gradient block, so the only arrays that grow
+with the vocabulary are ``w`` and ``dw`` themselves.
+
+Per block the work is one ``[N, D] x [D, Bv]`` matmul forward and three backward
+(recompute, ``dx``, ``dw``), against one forward and two backward for the materialising
+path: the price of flat memory is one extra matmul.
+
+A vocabulary that is not a multiple of ``Bv`` needs no padding in memory: the last block
+starts at ``V - Bv`` (``dynamic_slice`` clamps there anyway) and masks the columns that the
+previous block already covered.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .. import _losses
+from .. import _numerics as nx
+
+# The xla path holds a few [N, Bv] float32 blocks at a time: Bv is the largest power of two
+# with N * Bv <= this many elements (32 MiB of float32), clamped to [128, 4096].
+BLOCK_ELEMENTS = 2**23
+MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
+
+
+def default_block_v(num_rows: int, num_classes: int) -> int:
+    """The vocabulary block size of the xla path for ``num_rows`` tokens (see above)."""
+    b = MAX_BLOCK_V
+    while b > MIN_BLOCK_V and num_rows * b > BLOCK_ELEMENTS:
+        b //= 2
+    return max(1, min(b, num_classes))
+
+
+class Stats(NamedTuple):
+    """Per-row running statistics of the (capped) logits seen so far, all ``[N]``.
+
+    ``lse = m + log1p(rest)``; ``rest`` is kept apart from the 1 contributed by the maximum
+    so that a dominant class keeps a tiny loss accurate (as ``softjax._numerics``).
+    ``rest_c`` is the TwoSum compensation of ``rest`` across blocks. ``d`` is
+    ``sum_c w_c (m - z_c) >= 0`` over the classes seen: the smoothing term
+    ``sum_c w_c (-log p_c) = d + sum(w) * log1p(rest)`` then adds two non-negative numbers
+    instead of cancelling ``sum(w) * lse - sum_c w_c z_c``.
+    """
+
+    m: jax.Array
+    rest: jax.Array
+    rest_c: jax.Array
+    d: jax.Array
+
+
+def init_stats(n: int, dtype) -> Stats:
+    zeros = jnp.zeros((n,), dtype)
+    return Stats(jnp.full((n,), -jnp.inf, dtype), zeros, zeros, zeros)
+
+
+def block_logits(x, w_blk, cap, dtype):
+    """Raw logits ``x @ w_blk.T`` (accumulated in ``dtype``) and their softcapped values."""
+    raw = lax.dot_general(x, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+    return raw, _losses.softcap(raw, cap)
+
+
+def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
+    """Folds a block of capped logits ``z`` [n, Bv] into the running statistics.
+
+    ``col_ok`` [Bv] marks the columns that belong to this block; ``cw_blk`` [Bv] their class
+    weights (None: all 1) and ``w_seen`` the total weight of the classes already merged.
+    """
+    z = jnp.where(col_ok, z, -jnp.inf)
+    m_blk = jnp.max(z, axis=-1)
+    m_new = jnp.maximum(st.m, m_blk)
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    hi, lo = nx.two_sum(z, -shift[:, None])
+    e = nx.exp_compensated(hi, lo)
+    at_max = hi == 0
+    count = jnp.sum(at_max, axis=-1).astype(z.dtype)
+    # Entries at the maximum contribute exactly 1 each; e - 1 there keeps `rest` free of it.
+    blk_rest = jnp.sum(jnp.where(at_max, e - 1, e), axis=-1)
+    up = m_blk > st.m
+    alpha = jnp.exp(st.m - shift)  # 0 while nothing has been seen (m = -inf)
+    base = jnp.where(up, (1 + st.rest + st.rest_c) * alpha + (count - 1), st.rest)
+    add = jnp.where(up, blk_rest, count + blk_rest)
+    rest, err = nx.two_sum(base, add)
+    rest_c = jnp.where(up, 0.0, st.rest_c) + err
+    d = st.d
+    if smoothing:
+        # Re-anchor the classes seen so far at the new maximum, then add this block's.
+        moved = jnp.where(jnp.isfinite(st.m), (m_new - st.m) * w_seen, 0.0)
+        w = jnp.where(col_ok, 1.0 if cw_blk is None else cw_blk, 0.0)
+        d = d + moved + jnp.sum(jnp.where(w == 0, 0.0, w * -(hi + lo)), axis=-1)
+    return Stats(m_new, rest, rest_c, d)
+
+
+def _block_start(i, bv, num_classes):
+    """Start of block ``i`` in memory and a mask of the columns that belong to it."""
+    start = i * bv
+    s = jnp.minimum(start, num_classes - bv)
+    cols = s + lax.iota(jnp.int32, bv)
+    return s, cols, cols >= start
+
+
+def match_vma(tree, *like):
+    """``tree`` marked as varying over every mesh axis that any of ``like`` varies over.
+
+    Inside ``shard_map`` a loop carry must have the type of the loop body's results, which
+    vary wherever ``x`` or ``w`` do (data and vocabulary axes); fresh zeros do not.
+    Outside ``shard_map`` this is the identity.
+    """
+    axes = set()
+    for a in jax.tree.leaves(like):
+        axes |= set(getattr(jax.typeof(a), "vma", ()) or ())
+    if not axes:
+        return tree
+
+    def one(a):
+        missing = tuple(sorted(axes - set(getattr(jax.typeof(a), "vma", ()) or ()), key=str))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(one, tree)
+
+
+def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool):
+    """Per-row :class:`Stats` of ``softcap(x @ w.T)`` over all of ``w``'s rows.
+
+    Args:
+      x: ``[N, D]``; w: ``[V, D]`` of the same dtype; class_weight: ``[V]`` or None.
+      block_v: the vocabulary block ``Bv``; smoothing: whether to accumulate ``d``.
+    """
+    n = x.shape[0]
+    v = w.shape[0]
+    dtype = nx.compute_dtype(x.dtype)
+    bv = min(block_v, v)
+    nb = -(-v // bv)
+
+    def body(i, carry):
+        st, w_seen = carry
+        s, cols, col_ok = _block_start(i, bv, v)
+        w_blk = lax.dynamic_slice_in_dim(w, s, bv, 0)
+        cw_blk = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, s, bv)
+        _, z = block_logits(x, w_blk, cap, dtype)
+        st = merge_block(st, z, col_ok, cw_blk, w_seen, smoothing)
+        w_blk_sum = jnp.sum(jnp.where(col_ok, 1.0 if cw_blk is None else cw_blk, 0.0))
+        return st, w_seen + w_blk_sum
+
+    init = match_vma((init_stats(n, dtype), jnp.zeros((), dtype)), x, w, class_weight)
+    st, _ = lax.fori_loop(0, nb, body, init)
+    return st
+
+
+def target_logits(x, w, labels, cap):
+    """``softcap(x_i . w[y_i])`` [N] by a direct dot product with the gathered rows (no one-hot).
+
+    Labels outside ``[0, V)`` read a clamped row: the callers mask or NaN those rows.
+    """
+    dtype = nx.compute_dtype(x.dtype)
+    w_y = w[jnp.clip(labels, 0, w.shape[0] - 1)]
+    raw = jnp.einsum("nd,nd->n", x, w_y, preferred_element_type=dtype)
+    return _losses.softcap(raw, cap)
+
+
+def backward(x, w, labels, row_ok, coefs, shift, log_norm, class_weight, cap, *, block_v: int):
+    """``dx`` (float32 partial sum over this ``w``) and ``dw`` (``w.dtype``) of the loss.
+
+    ``labels`` index ``w``'s rows (callers shift them by the shard offset); ``coefs`` are
+    :class:`softjax._losses.GradCoefs` already multiplied by the upstream cotangent;
+    ``shift``/``log_norm`` give ``lse = shift + log_norm`` per row. Each ``dw`` block is
+    accumulated over all tokens in float32 by one matmul and cast once.
+    """
+    n, dim = x.shape
+    v = w.shape[0]
+    dtype = nx.compute_dtype(x.dtype)
+    bv = min(block_v, v)
+    nb = -(-v // bv)
+    stats = _losses.RowStats(shift[:, None], log_norm[:, None])
+
+    def body(i, carry):
+        dx, dw = carry
+        s, cols, col_ok = _block_start(i, bv, v)
+        w_blk = lax.dynamic_slice_in_dim(w, s, bv, 0)
+        cw_blk = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, s, bv)
+        raw, z = block_logits(x, w_blk, cap, dtype)
+        p = _losses.probs(jnp.where(col_ok, z, -jnp.inf), stats)
+        dz = _losses.logit_grads(p, cols[None, :] == labels[:, None], coefs, cw_blk)
+        dz = _losses.softcap_grad(raw, cap, dz)
+        # Columns of the previous block and excluded rows get exactly zero.
+        dz = jnp.where(col_ok[None, :] & row_ok[:, None], dz, 0.0).astype(x.dtype)
+        dx = dx + lax.dot_general(dz, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+        dw_blk = lax.dot_general(dz, x, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
+        old = lax.dynamic_slice_in_dim(dw, s, bv, 0)
+        dw_blk = jnp.where(col_ok[:, None], dw_blk.astype(w.dtype), old)
+        return dx, lax.dynamic_update_slice_in_dim(dw, dw_blk, s, 0)
+
+    init = match_vma((jnp.zeros((n, dim), dtype), jnp.zeros_like(w)), x, w, class_weight, coefs)
+    return lax.fori_loop(0, nb, body, init)
