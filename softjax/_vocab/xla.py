@@ -95,9 +95,15 @@ def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
     if smoothing:
         # Re-anchor the classes seen so far at the new maximum, then add this block's.
         moved = jnp.where(jnp.isfinite(st.m), (m_new - st.m) * w_seen, 0.0)
-        w = jnp.where(col_ok, 1.0 if cw_blk is None else cw_blk, 0.0)
+        w = _block_weights(col_ok, cw_blk, z.dtype)
         d = d + moved + jnp.sum(jnp.where(w == 0, 0.0, w * -(hi + lo)), axis=-1)
     return Stats(m_new, rest, rest_c, d)
+
+
+def _block_weights(col_ok, cw_blk, dtype):
+    """Class weights of a block (1 without ``weight``), 0 on columns outside it."""
+    ones = jnp.ones(col_ok.shape, dtype)
+    return jnp.where(col_ok, ones if cw_blk is None else cw_blk.astype(dtype), 0)
 
 
 def _block_start(i, bv, num_classes):
@@ -148,8 +154,7 @@ def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool):
         cw_blk = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, s, bv)
         _, z = block_logits(x, w_blk, cap, dtype)
         st = merge_block(st, z, col_ok, cw_blk, w_seen, smoothing)
-        w_blk_sum = jnp.sum(jnp.where(col_ok, 1.0 if cw_blk is None else cw_blk, 0.0))
-        return st, w_seen + w_blk_sum
+        return st, w_seen + jnp.sum(_block_weights(col_ok, cw_blk, dtype))
 
     init = match_vma((init_stats(n, dtype), jnp.zeros((), dtype)), x, w, class_weight)
     st, _ = lax.fori_loop(0, nb, body, init)
