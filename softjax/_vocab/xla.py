@@ -148,16 +148,17 @@ def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool):
     nb = -(-v // bv)
 
     def body(i, carry):
-        st, w_seen = carry
+        st, w_seen, w_c = carry
+        w_c = _opaque(w_c)
         s, cols, col_ok = _block_start(i, bv, v)
-        w_blk = lax.dynamic_slice_in_dim(w, s, bv, 0)
+        w_blk = _rows(w_c, s, bv)
         cw_blk = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, s, bv)
         _, z = block_logits(x, w_blk, cap, dtype)
         st = merge_block(st, z, col_ok, cw_blk, w_seen, smoothing)
-        return st, w_seen + jnp.sum(_block_weights(col_ok, cw_blk, dtype))
+        return st, w_seen + jnp.sum(_block_weights(col_ok, cw_blk, dtype)), w_c
 
     init = match_vma((init_stats(n, dtype), jnp.zeros((), dtype)), x, w, class_weight)
-    st, _ = lax.fori_loop(0, nb, body, init)
+    st, _, _ = lax.fori_loop(0, nb, body, (*init, w))
     return st
 
 
@@ -188,21 +189,43 @@ def backward(x, w, labels, row_ok, coefs, shift, log_norm, class_weight, cap, *,
     stats = _losses.RowStats(shift[:, None], log_norm[:, None])
 
     def body(i, carry):
-        dx, dw = carry
+        dx, dw, w_c = carry
+        w_c = _opaque(w_c)
         s, cols, col_ok = _block_start(i, bv, v)
-        w_blk = lax.dynamic_slice_in_dim(w, s, bv, 0)
+        w_blk = _rows(w_c, s, bv)
         cw_blk = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, s, bv)
         raw, z = block_logits(x, w_blk, cap, dtype)
-        p = _losses.probs(jnp.where(col_ok, z, -jnp.inf), stats)
+        p = _losses.probs(z, stats)
         dz = _losses.logit_grads(p, cols[None, :] == labels[:, None], coefs, cw_blk)
         dz = _losses.softcap_grad(raw, cap, dz)
-        # Columns of the previous block and excluded rows get exactly zero.
-        dz = jnp.where(col_ok[None, :] & row_ok[:, None], dz, 0.0).astype(x.dtype)
-        dx = dx + lax.dot_general(dz, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+        dz = jnp.where(row_ok[:, None], dz, 0.0)  # excluded rows: exactly zero
+        # The last block may overlap the previous one: its dw rows there are recomputed
+        # identically and overwritten (reading them back would cost a copy of dw), but
+        # those columns must not reach dx twice.
+        dz_x = jnp.where(col_ok[None, :], dz, 0.0).astype(x.dtype)
+        dx = dx + lax.dot_general(
+            dz_x, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=dtype
+        )
+        dz = dz.astype(x.dtype)
         dw_blk = lax.dot_general(dz, x, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
-        old = lax.dynamic_slice_in_dim(dw, s, bv, 0)
-        dw_blk = jnp.where(col_ok[:, None], dw_blk.astype(w.dtype), old)
-        return dx, lax.dynamic_update_slice_in_dim(dw, dw_blk, s, 0)
+        return dx, lax.dynamic_update_slice_in_dim(dw, dw_blk.astype(w.dtype), s, 0), w_c
 
     init = match_vma((jnp.zeros((n, dim), dtype), jnp.zeros_like(w)), x, w, class_weight, coefs)
-    return lax.fori_loop(0, nb, body, init)
+    dx, dw, _ = lax.fori_loop(0, nb, body, (*init, w))
+    return dx, dw
+
+
+def _rows(w, start, size: int):
+    """``w[start:start + size]``."""
+    return lax.dynamic_slice_in_dim(w, start, size, 0)
+
+
+def _opaque(w):
+    """``w`` itself, but not provably loop-invariant (it is threaded through the loop carry).
+
+    XLA's CPU backend has no bfloat16 dynamic-slice: it converts the sliced operand to
+    float32, and loop-invariant code motion would hoist that ``convert(w)`` out of the
+    vocabulary loop, a float32 copy of all of ``w``. Behind the barrier the conversion is
+    fused into the per-block slice instead. It costs nothing at run time.
+    """
+    return lax.optimization_barrier(w)
