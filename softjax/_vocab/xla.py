@@ -18,6 +18,7 @@ previous block already covered.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -31,6 +32,12 @@ from .. import _numerics as nx
 # with N * Bv <= this many elements (32 MiB of float32), clamped to [128, 4096].
 BLOCK_ELEMENTS = 2**23
 MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
+BLOCK_N = 1024
+
+
+def default_block_n(num_rows: int) -> int:
+    """Token block of the xla backward pass: ``[Bn, D]`` float32 pieces of ``dx``."""
+    return min(num_rows, BLOCK_N)
 
 
 def default_block_v(num_rows: int, num_classes: int) -> int:
@@ -148,17 +155,17 @@ def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool):
     nb = -(-v // bv)
 
     def body(i, carry):
-        st, w_seen, w_c = carry
-        w_c = _opaque(w_c)
+        st, w_seen, x, w_c = carry
+        x, w_c = _opaque((x, w_c))
         s, cols, col_ok = _block_start(i, bv, v)
         w_blk = _rows(w_c, s, bv)
         cw_blk = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, s, bv)
         _, z = block_logits(x, w_blk, cap, dtype)
         st = merge_block(st, z, col_ok, cw_blk, w_seen, smoothing)
-        return st, w_seen + jnp.sum(_block_weights(col_ok, cw_blk, dtype)), w_c
+        return st, w_seen + jnp.sum(_block_weights(col_ok, cw_blk, dtype)), x, w_c
 
     init = match_vma((init_stats(n, dtype), jnp.zeros((), dtype)), x, w, class_weight)
-    st, _, _ = lax.fori_loop(0, nb, body, (*init, w))
+    st, _, _, _ = lax.fori_loop(0, nb, body, (*init, x, w))
     return st
 
 
@@ -173,45 +180,68 @@ def target_logits(x, w, labels, cap):
     return _losses.softcap(raw, cap)
 
 
-def backward(x, w, labels, row_ok, coefs, shift, log_norm, class_weight, cap, *, block_v: int):
+def backward(
+    x, w, labels, row_ok, coefs, shift, log_norm, class_weight, cap, *, block_v: int,
+    block_n: int | None = None,
+):
     """``dx`` (float32 partial sum over this ``w``) and ``dw`` (``w.dtype``) of the loss.
 
     ``labels`` index ``w``'s rows (callers shift them by the shard offset); ``coefs`` are
     :class:`softjax._losses.GradCoefs` already multiplied by the upstream cotangent;
-    ``shift``/``log_norm`` give ``lse = shift + log_norm`` per row. Each ``dw`` block is
-    accumulated over all tokens in float32 by one matmul and cast once.
+    ``shift``/``log_norm`` give ``lse = shift + log_norm`` per row.
+
+    The outer loop runs over vocabulary blocks, the inner one over token blocks of
+    ``block_n`` rows: each ``dw`` block is accumulated over all tokens in float32 and cast
+    once, ``dx`` is accumulated over the vocabulary in float32, and nothing but ``dx``
+    itself has a size of the order of ``N x D``.
     """
     n, dim = x.shape
     v = w.shape[0]
     dtype = nx.compute_dtype(x.dtype)
     bv = min(block_v, v)
-    nb = -(-v // bv)
-    stats = _losses.RowStats(shift[:, None], log_norm[:, None])
+    bn = min(block_n or default_block_n(n), n)
+    nb, nt = -(-v // bv), -(-n // bn)
+    rows = (labels, row_ok, coefs, shift, log_norm)
+
+    def token_body(j, carry, s, cols, col_ok, w_blk, cw_blk):
+        dx, dw_blk, x = carry
+        x = _opaque(x)
+        r, _, r_ok = _block_start(j, bn, n)
+        x_blk = lax.dynamic_slice_in_dim(x, r, bn, 0)
+        lab, ok, cf, sh, ln = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, r, bn, 0), rows)
+        raw, z = block_logits(x_blk, w_blk, cap, dtype)
+        p = _losses.probs(z, _losses.RowStats(sh[:, None], ln[:, None]))
+        dz = _losses.logit_grads(p, cols[None, :] == lab[:, None], cf, cw_blk)
+        dz = _losses.softcap_grad(raw, cap, dz)
+        # Excluded rows, and rows of the previous token block, contribute exactly zero.
+        dz = jnp.where((ok & r_ok)[:, None], dz, 0.0)
+        # The last vocabulary block may overlap the previous one: its dw rows there are
+        # recomputed identically and overwritten (reading them back would cost a copy of
+        # dw), but those columns must not reach dx twice.
+        dz_x = jnp.where(col_ok[None, :], dz, 0.0).astype(x.dtype)
+        dx_blk = lax.dynamic_slice_in_dim(dx, r, bn, 0) + lax.dot_general(
+            dz_x, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=dtype
+        )
+        dw_blk = dw_blk + lax.dot_general(
+            dz.astype(x.dtype), x_blk, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+        )
+        return lax.dynamic_update_slice_in_dim(dx, dx_blk, r, 0), dw_blk, x
 
     def body(i, carry):
-        dx, dw, w_c = carry
+        dx, dw, x, w_c = carry
         w_c = _opaque(w_c)
         s, cols, col_ok = _block_start(i, bv, v)
         w_blk = _rows(w_c, s, bv)
         cw_blk = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, s, bv)
-        raw, z = block_logits(x, w_blk, cap, dtype)
-        p = _losses.probs(z, stats)
-        dz = _losses.logit_grads(p, cols[None, :] == labels[:, None], coefs, cw_blk)
-        dz = _losses.softcap_grad(raw, cap, dz)
-        dz = jnp.where(row_ok[:, None], dz, 0.0)  # excluded rows: exactly zero
-        # The last block may overlap the previous one: its dw rows there are recomputed
-        # identically and overwritten (reading them back would cost a copy of dw), but
-        # those columns must not reach dx twice.
-        dz_x = jnp.where(col_ok[None, :], dz, 0.0).astype(x.dtype)
-        dx = dx + lax.dot_general(
-            dz_x, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=dtype
+        inner = functools.partial(
+            token_body, s=s, cols=cols, col_ok=col_ok, w_blk=w_blk, cw_blk=cw_blk
         )
-        dz = dz.astype(x.dtype)
-        dw_blk = lax.dot_general(dz, x, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
-        return dx, lax.dynamic_update_slice_in_dim(dw, dw_blk.astype(w.dtype), s, 0), w_c
+        dw_blk = match_vma(jnp.zeros((bv, dim), dtype), w_blk, x, coefs)
+        dx, dw_blk, x = lax.fori_loop(0, nt, inner, (dx, dw_blk, x))
+        return dx, lax.dynamic_update_slice_in_dim(dw, dw_blk.astype(w.dtype), s, 0), x, w_c
 
     init = match_vma((jnp.zeros((n, dim), dtype), jnp.zeros_like(w)), x, w, class_weight, coefs)
-    dx, dw, _ = lax.fori_loop(0, nb, body, (*init, w))
+    dx, dw, _, _ = lax.fori_loop(0, nb, body, (*init, x, w))
     return dx, dw
 
 
@@ -220,12 +250,12 @@ def _rows(w, start, size: int):
     return lax.dynamic_slice_in_dim(w, start, size, 0)
 
 
-def _opaque(w):
-    """``w`` itself, but not provably loop-invariant (it is threaded through the loop carry).
+def _opaque(operands):
+    """``operands`` themselves, but not provably loop-invariant (threaded through the carry).
 
-    XLA's CPU backend has no bfloat16 dynamic-slice: it converts the sliced operand to
-    float32, and loop-invariant code motion would hoist that ``convert(w)`` out of the
-    vocabulary loop, a float32 copy of all of ``w``. Behind the barrier the conversion is
-    fused into the per-block slice instead. It costs nothing at run time.
+    XLA's CPU backend has no bfloat16 dynamic-slice or matmul: it converts the operands to
+    float32, and loop-invariant code motion would hoist ``convert(w)`` and ``convert(x)`` out
+    of the vocabulary loop, float32 copies of all of ``w`` and ``x``. Behind the barrier the
+    conversion stays per block (fused into the slice). It costs nothing at run time.
     """
-    return lax.optimization_barrier(w)
+    return lax.optimization_barrier(operands)
