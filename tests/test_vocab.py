@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tol
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import softjax
 from softjax._vocab import xla
@@ -242,3 +243,105 @@ def test_errors():
         lce(x, w, y, implementation="triton")
     with pytest.raises(ValueError, match=r"where has shape \(3,\)"):
         lce(x, w, y, where=jnp.ones(3, bool))
+
+
+# ---------------------------------------------------------------------------------------
+# Memory: compiled temp size of value_and_grad (exact, compiles without running)
+
+
+def _temp_mib(fn, n, d, v, dtype=BF16):
+    args = (
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((v, d), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    compiled = jax.jit(jax.value_and_grad(fn, (0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def _naive(x, w, y):
+    import optax
+
+    logits = (x @ w.T).astype(F32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def test_memory_is_flat_in_vocabulary_and_far_below_naive():
+    n, d = 8192, 2048
+    fused = lambda x, w, y: softjax.linear_cross_entropy(x, w, y, implementation="xla")  # noqa: E731
+    at_64k = _temp_mib(fused, n, d, 65536)
+    at_128k = _temp_mib(fused, n, d, 131072)
+    naive = _temp_mib(_naive, n, d, 131072)
+    assert naive >= 9216  # the 4 GiB float32 logits, their gradient and the bf16 copies
+    assert at_128k <= 0.02 * naive, (at_128k, naive)
+    assert at_128k <= 1.10 * at_64k, (at_64k, at_128k)
+
+
+# ---------------------------------------------------------------------------------------
+# Vocab-parallel: w sharded along V over a mesh axis inside shard_map
+
+
+def _sharded_case(v=1000, n=16, d=8):
+    x, w, y = make(n, d, v, seed=5)
+    y = y.at[1].set(-100).at[2].set(v - 1).at[3].set(0)
+    weight = jax.random.uniform(jax.random.key(6), (v,), F32, 0.5, 2.0)
+    kw = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0)
+    return x, w, y, weight, kw
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_vocab_parallel_matches_unsharded(monkeypatch, with_weight):
+    monkeypatch.setattr(xla, "MAX_BLOCK_V", 48)  # 125 classes a device: 3 blocks, ragged
+    monkeypatch.setattr(xla, "MIN_BLOCK_V", 8)
+    x, w, y, weight, kw = _sharded_case()
+    weight = weight if with_weight else None
+    mesh = Mesh(np.array(jax.devices()[:8]), ("model",))
+
+    def local(x, w, y, weight):
+        return softjax.linear_cross_entropy(x, w, y, weight=weight, vocab_axis_name="model", **kw)
+
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P("model"), P(), P("model")), out_specs=P()
+    )
+    out, grads = jax.jit(jax.value_and_grad(sharded, (0, 1)))(x, w, y, weight)
+    ref, rgrads = jax.jit(
+        jax.value_and_grad(
+            lambda x, w: softjax.linear_cross_entropy(x, w, y, weight=weight, **kw), (0, 1)
+        )
+    )(x, w)
+    np.testing.assert_allclose(out, ref, rtol=4 * tol(F32))
+    for a, b in zip(grads, rgrads, strict=True):
+        assert_close(a, b, 4 * tol(F32))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_vocab_parallel_with_data_axis(monkeypatch, reduction):
+    monkeypatch.setattr(xla, "MAX_BLOCK_V", 100)  # 250 classes a device
+    monkeypatch.setattr(xla, "MIN_BLOCK_V", 8)
+    x, w, y, _, kw = _sharded_case()
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    g = jax.random.normal(jax.random.key(4), (x.shape[0],), F32)
+
+    def local(x, w, y):
+        out = softjax.linear_cross_entropy(
+            x, w, y, reduction=reduction, vocab_axis_name="model", **kw
+        )
+        return jax.lax.psum(out, "data") if reduction == "sum" else out
+
+    out_spec = P() if reduction == "sum" else P("data")
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(P("data"), P("model"), P("data")), out_specs=out_spec
+    )
+
+    def scalar(fn):
+        return lambda x, w: jnp.sum(fn(x, w) * (g if reduction == "none" else 1.0))
+
+    out, grads = jax.jit(jax.value_and_grad(scalar(lambda x, w: sharded(x, w, y)), (0, 1)))(x, w)
+    plain = lambda x, w: softjax.linear_cross_entropy(x, w, y, reduction=reduction, **kw)  # noqa: E731
+    ref, rgrads = jax.jit(jax.value_and_grad(scalar(plain), (0, 1)))(x, w)
+    np.testing.assert_allclose(out, ref, rtol=4 * tol(F32))
+    for a, b in zip(grads, rgrads, strict=True):
+        assert_close(a, b, 4 * tol(F32))
+    rows = jax.jit(sharded)(x, w, y)
+    expect = plain(x, w)
+    np.testing.assert_allclose(rows, expect, rtol=4 * tol(F32))

@@ -151,9 +151,17 @@ def _row_losses_bwd(cfg: Config, res, g):
     shift = jnp.where(m == -jnp.inf, 0.0, m)
     local, _ = _local_labels(labels, v_local, axis)
     dx, dw = _backward(cfg, x, w, local, valid, coefs, shift, log_norm, class_weight, opts.softcap)
-    dx = _psum(dx, axis)  # each shard holds the part of dx from its classes
+    # Each vocabulary shard holds the part of dx from its classes, each token shard the part
+    # of dw from its tokens: sum over the mesh axes the primal does not vary over.
+    dx, dw = _sum_to_type(dx, x), _sum_to_type(dw, w)
     zeros = None if class_weight is None else jnp.zeros_like(class_weight)
     return dx.astype(x.dtype), dw, None, None, zeros, jax.tree.map(jnp.zeros_like, opts)
+
+
+def _sum_to_type(ct, primal):
+    """``psum`` of a cotangent over the mesh axes it varies over and its primal does not."""
+    extra = tuple(sorted(xla._varying_axes(ct) - xla._varying_axes(primal), key=str))
+    return lax.psum(ct, extra) if extra else ct
 
 
 row_losses.defvjp(_row_losses_fwd, _row_losses_bwd)

@@ -89,7 +89,7 @@ def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
     hi, lo = nx.two_sum(z, -shift[:, None])
     e = nx.exp_compensated(hi, lo)
     at_max = hi == 0
-    count = jnp.sum(at_max, axis=-1).astype(z.dtype)
+    count = jnp.sum(at_max, axis=-1, dtype=z.dtype)
     # Entries at the maximum contribute exactly 1 each; e - 1 there keeps `rest` free of it.
     blk_rest = jnp.sum(jnp.where(at_max, e - 1, e), axis=-1)
     up = m_blk > st.m
@@ -121,6 +121,15 @@ def _block_start(i, bv, num_classes):
     return s, cols, cols >= start
 
 
+def _varying_axes(a) -> set:
+    """The manual mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
+    t = jax.typeof(a)
+    vma = getattr(t, "vma", None)  # jax <= 0.9
+    if vma is None:
+        vma = getattr(getattr(t, "manual_axis_type", None), "varying", None)
+    return set(vma or ())
+
+
 def match_vma(tree, *like):
     """``tree`` marked as varying over every mesh axis that any of ``like`` varies over.
 
@@ -130,12 +139,12 @@ def match_vma(tree, *like):
     """
     axes = set()
     for a in jax.tree.leaves(like):
-        axes |= set(getattr(jax.typeof(a), "vma", ()) or ())
+        axes |= _varying_axes(a)
     if not axes:
         return tree
 
     def one(a):
-        missing = tuple(sorted(axes - set(getattr(jax.typeof(a), "vma", ()) or ()), key=str))
+        missing = tuple(sorted(axes - _varying_axes(a), key=str))
         return lax.pcast(a, missing, to="varying") if missing else a
 
     return jax.tree.map(one, tree)
@@ -164,8 +173,8 @@ def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool):
         st = merge_block(st, z, col_ok, cw_blk, w_seen, smoothing)
         return st, w_seen + jnp.sum(_block_weights(col_ok, cw_blk, dtype)), x, w_c
 
-    init = match_vma((init_stats(n, dtype), jnp.zeros((), dtype)), x, w, class_weight)
-    st, _, _, _ = lax.fori_loop(0, nb, body, (*init, x, w))
+    init = (init_stats(n, dtype), jnp.zeros((), dtype), x, w)
+    st, _, _, _ = lax.fori_loop(0, nb, body, match_vma(init, x, w, class_weight))
     return st
 
 
@@ -181,7 +190,17 @@ def target_logits(x, w, labels, cap):
 
 
 def backward(
-    x, w, labels, row_ok, coefs, shift, log_norm, class_weight, cap, *, block_v: int,
+    x,
+    w,
+    labels,
+    row_ok,
+    coefs,
+    shift,
+    log_norm,
+    class_weight,
+    cap,
+    *,
+    block_v: int,
     block_n: int | None = None,
 ):
     """``dx`` (float32 partial sum over this ``w``) and ``dw`` (``w.dtype``) of the loss.
@@ -240,8 +259,8 @@ def backward(
         dx, dw_blk, x = lax.fori_loop(0, nt, inner, (dx, dw_blk, x))
         return dx, lax.dynamic_update_slice_in_dim(dw, dw_blk.astype(w.dtype), s, 0), x, w_c
 
-    init = match_vma((jnp.zeros((n, dim), dtype), jnp.zeros_like(w)), x, w, class_weight, coefs)
-    dx, dw, _, _ = lax.fori_loop(0, nb, body, (*init, x, w))
+    init = (jnp.zeros((n, dim), dtype), jnp.zeros_like(w), x, w)
+    dx, dw, _, _ = lax.fori_loop(0, nb, body, match_vma(init, x, w, class_weight, coefs))
     return dx, dw
 
 
