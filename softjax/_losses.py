@@ -164,12 +164,14 @@ def logit_grads(p, is_target, coefs: GradCoefs, class_weight):
     """``prob * p_c - target * [c == y] - smooth * w_c`` on a block of classes ``[..., c]``.
 
     ``p`` and ``is_target`` cover the block, ``class_weight`` its slice of the weights (or
-    None for all ones); a class of probability 0 gets no ``prob`` term whatever it is.
+    None for all ones); the coefficients are per row, ``[...]`` or ``[..., 1]``. A class of
+    probability 0 gets no ``prob`` term whatever it is.
     """
-    smooth_coef = coefs.smooth[..., None]
+    col = lambda c: c if c.ndim == p.ndim else c[..., None]  # noqa: E731 (rows as [..., 1])
+    smooth_coef = col(coefs.smooth)
     w = 1.0 if class_weight is None else class_weight
-    grad = nx.zero_where_prob_zero(p, coefs.prob[..., None]) - jnp.where(
-        is_target, coefs.target[..., None], 0.0
+    grad = nx.zero_where_prob_zero(p, col(coefs.prob)) - jnp.where(
+        is_target, col(coefs.target), 0.0
     )
     return grad - jnp.where(smooth_coef == 0, 0.0, smooth_coef * w)
 

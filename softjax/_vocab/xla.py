@@ -66,8 +66,9 @@ class Stats(NamedTuple):
 
 
 def init_stats(n: int, dtype) -> Stats:
-    zeros = jnp.zeros((n,), dtype)
-    return Stats(jnp.full((n,), -jnp.inf, dtype), zeros, zeros, zeros)
+    """Nothing seen yet, as ``[n, 1]`` columns (the layout :func:`merge_block` works in)."""
+    zeros = jnp.zeros((n, 1), dtype)
+    return Stats(jnp.full((n, 1), -jnp.inf, dtype), zeros, zeros, zeros)
 
 
 def block_logits(x, w_blk, cap, dtype):
@@ -77,21 +78,22 @@ def block_logits(x, w_blk, cap, dtype):
 
 
 def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
-    """Folds a block of capped logits ``z`` [n, Bv] into the running statistics.
+    """Folds a block of capped logits ``z`` [n, Bv] into the running statistics ``[n, 1]``.
 
-    ``col_ok`` [Bv] marks the columns that belong to this block; ``cw_blk`` [Bv] their class
-    weights (None: all 1) and ``w_seen`` the total weight of the classes already merged.
+    ``col_ok`` [1, Bv] marks the columns that belong to this block; ``cw_blk`` [1, Bv] their
+    class weights (None: all 1) and ``w_seen`` the total weight of the classes already
+    merged. Everything stays 2-D, so the same code runs inside the Pallas kernels.
     """
     z = jnp.where(col_ok, z, -jnp.inf)
-    m_blk = jnp.max(z, axis=-1)
+    m_blk = jnp.max(z, axis=-1, keepdims=True)
     m_new = jnp.maximum(st.m, m_blk)
     shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    hi, lo = nx.two_sum(z, -shift[:, None])
+    hi, lo = nx.two_sum(z, -shift)
     e = nx.exp_compensated(hi, lo)
     at_max = hi == 0
-    count = jnp.sum(at_max, axis=-1, dtype=z.dtype)
+    count = jnp.sum(at_max.astype(z.dtype), axis=-1, keepdims=True)
     # Entries at the maximum contribute exactly 1 each; e - 1 there keeps `rest` free of it.
-    blk_rest = jnp.sum(jnp.where(at_max, e - 1, e), axis=-1)
+    blk_rest = jnp.sum(jnp.where(at_max, e - 1, e), axis=-1, keepdims=True)
     up = m_blk > st.m
     alpha = jnp.exp(st.m - shift)  # 0 while nothing has been seen (m = -inf)
     base = jnp.where(up, (1 + st.rest + st.rest_c) * alpha + (count - 1), st.rest)
@@ -103,7 +105,7 @@ def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
         # Re-anchor the classes seen so far at the new maximum, then add this block's.
         moved = jnp.where(jnp.isfinite(st.m), (m_new - st.m) * w_seen, 0.0)
         w = _block_weights(col_ok, cw_blk, z.dtype)
-        d = d + moved + jnp.sum(jnp.where(w == 0, 0.0, w * -(hi + lo)), axis=-1)
+        d = d + moved + jnp.sum(jnp.where(w == 0, 0.0, w * -(hi + lo)), axis=-1, keepdims=True)
     return Stats(m_new, rest, rest_c, d)
 
 
@@ -175,7 +177,7 @@ def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool):
 
     init = (init_stats(n, dtype), jnp.zeros((), dtype), x, w)
     st, _, _, _ = lax.fori_loop(0, nb, body, match_vma(init, x, w, class_weight))
-    return st
+    return Stats(*(a[:, 0] for a in st))
 
 
 def target_logits(x, w, labels, cap):
