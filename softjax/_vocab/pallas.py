@@ -1,0 +1,311 @@
+"""Pallas kernels of ``linear_cross_entropy``: the vocabulary-scale reduction fused per block.
+
+Three kernels, each a grid over (parallel blocks, reduction blocks) with the reduction axis
+innermost and sequential, so an output block stays resident while it accumulates:
+
+* ``softjax_lce_fwd``  grid (token blocks, vocab blocks): ``[Bn, D] x [D, Bv]`` logits and
+  the online logsumexp / smoothing statistics per row (``xla.merge_block``, the same code);
+* ``softjax_lce_dx``   grid (token blocks, vocab blocks): recomputed logits -> gradient
+  block -> ``dx += dz @ w_blk`` in float32;
+* ``softjax_lce_dw``   grid (vocab blocks, token blocks): ``acc += dz.T @ x_blk`` in a
+  float32 VMEM scratch, cast once into ``dw`` after the last token block.
+
+Only ``[Bn, Bv]`` logits ever exist, in VMEM. Ragged edges (``N`` or ``V`` not a multiple
+of the block) are masked in the kernels: padded columns get ``-inf`` logits and zero
+gradient, padded rows of ``x`` and ``w`` are zeroed before they reach a matmul.
+
+The grid-accumulation pattern needs sequential execution of the reduction axis: that is
+Mosaic TPU's ``"arbitrary"`` dimension semantics. On CPU the kernels run with
+``interpret=True`` (for tests). GPU is not served by these kernels (see ``check_supported``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .. import _losses
+from . import xla
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Token and vocabulary block sizes of the Pallas kernels.
+
+    ``block_n`` rows of ``x`` and ``block_v`` rows of ``w`` are in fast memory at a time,
+    with a ``[block_n, block_v]`` float32 logits block. On TPU both must be multiples of
+    128 (``block_v`` is the lane dimension of the logits, ``block_n`` that of ``dz.T``);
+    in interpret mode any multiple of 8 works.
+    """
+
+    block_n: int = 256
+    block_v: int = 512
+
+    def __post_init__(self):
+        for name in ("block_n", "block_v"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+
+    @classmethod
+    def default(cls, platform: str) -> BlockSizes:
+        """Per platform: TPU VMEM holds 2 x [256, D] + 2 x [512, D] bf16 at D <= 8192."""
+        return cls(256, 512) if platform == "tpu" else cls(32, 256)
+
+
+# Overridable by tests (small blocks exercise ragged edges at small sizes).
+DEFAULT_BLOCKS: BlockSizes | None = None
+
+
+def check_supported(dim: int, num_classes: int, dtype, platform: str | None = None) -> BlockSizes:
+    """The block sizes for this call, or NotImplementedError naming what is missing."""
+    platform = platform or jax.default_backend()
+    if platform not in ("tpu", "cpu"):
+        raise NotImplementedError(
+            f"implementation='pallas' has no kernel for platform {platform!r} (its kernels "
+            "accumulate over a sequential grid axis, which only Mosaic TPU and interpret "
+            "mode on CPU provide); use implementation='xla'"
+        )
+    if platform == "tpu" and np.dtype(dtype) == np.float64:
+        raise NotImplementedError("implementation='pallas' on TPU has no float64 kernel")
+    blocks = DEFAULT_BLOCKS or BlockSizes.default(platform)
+    if platform == "tpu" and (blocks.block_n % 128 or blocks.block_v % 128):
+        raise ValueError(f"on TPU block sizes must be multiples of 128, got {blocks}")
+    return blocks
+
+
+def _interpret() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _tpu_params(*semantics):
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _cap_array(cap, dtype):
+    """The softcap as a ``[1, 1]`` operand (it may be traced), or None."""
+    return None if cap is None else jnp.reshape(jnp.asarray(cap, dtype), (1, 1))
+
+
+def _block_cols(j, bv, num_classes):
+    cols = j * bv + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
+    return cols, cols < num_classes
+
+
+def _valid_rows(i, b, total):
+    return i * b + lax.broadcasted_iota(jnp.int32, (b, 1), 0) < total
+
+
+# ---------------------------------------------------------------------------------------
+# Forward: per-row statistics
+
+
+def _fwd_kernel(*refs, num_classes, bv, smoothing, has_cap):
+    if has_cap:
+        x_ref, w_ref, cw_ref, cap_ref, m_ref, r_ref, rc_ref, d_ref, ws_ref = refs
+        cap = cap_ref[...]
+    else:
+        x_ref, w_ref, cw_ref, m_ref, r_ref, rc_ref, d_ref, ws_ref = refs
+        cap = None
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, m_ref.dtype)
+        for ref in (r_ref, rc_ref, d_ref, ws_ref):
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+    _, z = xla.block_logits(x_ref[...], w_ref[...], cap, m_ref.dtype)
+    _, col_ok = _block_cols(j, bv, num_classes)
+    cw = cw_ref[...]
+    st = xla.Stats(m_ref[...], r_ref[...], rc_ref[...], d_ref[...])
+    st = xla.merge_block(st, z, col_ok, cw, ws_ref[...], smoothing)
+    m_ref[...], r_ref[...], rc_ref[...], d_ref[...] = st
+    seen = jnp.sum(jnp.where(col_ok, cw, 0.0), axis=-1, keepdims=True)
+    ws_ref[...] = ws_ref[...] + seen
+
+
+def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: bool):
+    """Per-row :class:`xla.Stats` (``[N]`` each) of ``softcap(x @ w.T)``, by a Pallas kernel."""
+    n, dim = x.shape
+    v = w.shape[0]
+    dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    bn, bv = min(blocks.block_n, _round8(n)), min(blocks.block_v, _round8(v))
+    grid = (pl.cdiv(n, bn), pl.cdiv(v, bv))
+    cw = _class_weights(class_weight, v, dtype)
+    cap_arr = _cap_array(cap, dtype)
+    row_spec = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
+    in_specs = [
+        pl.BlockSpec((bn, dim), lambda i, j: (i, 0)),
+        pl.BlockSpec((bv, dim), lambda i, j: (j, 0)),
+        pl.BlockSpec((1, bv), lambda i, j: (0, j)),
+    ]
+    args = [x, w, cw]
+    if cap_arr is not None:
+        in_specs.append(pl.BlockSpec((1, 1), lambda i, j: (0, 0)))
+        args.append(cap_arr)
+    kernel = functools.partial(
+        _fwd_kernel, num_classes=v, bv=bv, smoothing=smoothing, has_cap=cap_arr is not None
+    )
+    outs = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=[row_spec] * 5,
+        out_shape=[jax.ShapeDtypeStruct((n, 1), dtype)] * 5,
+        compiler_params=None if _interpret() else _tpu_params("parallel", "arbitrary"),
+        interpret=_interpret(),
+        name="softjax_lce_fwd",
+    )(*args)
+    return xla.Stats(*(a[:, 0] for a in outs[:4]))
+
+
+def _round8(n):
+    return -(-n // 8) * 8
+
+
+def _class_weights(class_weight, v, dtype):
+    if class_weight is None:
+        return jnp.ones((1, v), dtype)
+    return class_weight.astype(dtype).reshape(1, v)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward: dx and dw
+
+
+def _row_data(row_ok, coefs, shift, log_norm, dtype):
+    """The per-row inputs of the backward kernels as one ``[N, 6]`` array."""
+    cols = (row_ok.astype(dtype), coefs.prob, coefs.target, coefs.smooth, shift, log_norm)
+    return jnp.stack([c.astype(dtype) for c in cols], axis=1)
+
+
+def _grad_block(x, w, cw, cap, labels, rows, cols, col_ok, row_ok):
+    """``dz`` [Bn, Bv] of a block: the gradient of the loss with respect to the raw logits."""
+    raw, z = xla.block_logits(x, w, cap, rows.dtype)
+    z = jnp.where(col_ok, z, -jnp.inf)
+    stats = _losses.RowStats(rows[:, 4:5], rows[:, 5:6])
+    coefs = _losses.GradCoefs(rows[:, 1:2], rows[:, 2:3], rows[:, 3:4])
+    dz = _losses.logit_grads(_losses.probs(z, stats), cols == labels, coefs, cw)
+    dz = _losses.softcap_grad(raw, cap, dz)
+    return jnp.where(col_ok & row_ok & (rows[:, 0:1] > 0), dz, 0.0)
+
+
+def _unpack(refs, has_cap):
+    if has_cap:
+        x_ref, w_ref, cw_ref, lab_ref, rows_ref, cap_ref, *out = refs
+        return x_ref, w_ref, cw_ref, lab_ref, rows_ref, cap_ref[...], out
+    x_ref, w_ref, cw_ref, lab_ref, rows_ref, *out = refs
+    return x_ref, w_ref, cw_ref, lab_ref, rows_ref, None, out
+
+
+def _dx_kernel(*refs, n, num_classes, bn, bv, has_cap):
+    x_ref, w_ref, cw_ref, lab_ref, rows_ref, cap, (dx_ref,) = _unpack(refs, has_cap)
+    i, j = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        dx_ref[...] = jnp.zeros(dx_ref.shape, dx_ref.dtype)
+
+    cols, col_ok = _block_cols(j, bv, num_classes)
+    x = x_ref[...]
+    # Padded rows of w (past V) may hold anything: zero them before the matmul.
+    w = jnp.where(_valid_rows(j, bv, num_classes), w_ref[...], 0).astype(x.dtype)
+    dz = _grad_block(
+        x, w, cw_ref[...], cap, lab_ref[...], rows_ref[...], cols, col_ok, _valid_rows(i, bn, n)
+    )
+    dx_ref[...] += lax.dot_general(
+        dz.astype(x.dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=dx_ref.dtype
+    )
+
+
+def _dw_kernel(*refs, n, num_classes, bn, bv, has_cap):
+    x_ref, w_ref, cw_ref, lab_ref, rows_ref, cap, (dw_ref, acc_ref) = _unpack(refs, has_cap)
+    j, i = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(i == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
+
+    cols, col_ok = _block_cols(j, bv, num_classes)
+    row_ok = _valid_rows(i, bn, n)
+    x = jnp.where(row_ok, x_ref[...], 0).astype(x_ref.dtype)  # padded rows past N
+    dz = _grad_block(
+        x, w_ref[...], cw_ref[...], cap, lab_ref[...], rows_ref[...], cols, col_ok, row_ok
+    )
+    acc_ref[...] += lax.dot_general(
+        dz.astype(x.dtype), x, (((0,), (0,)), ((), ())), preferred_element_type=acc_ref.dtype
+    )
+
+    @pl.when(i == pl.num_programs(1) - 1)
+    def _store():
+        dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
+
+
+def backward(x, w, labels, row_ok, coefs, shift, log_norm, class_weight, cap, *, blocks):
+    """``dx`` (float32, summed over this ``w``) and ``dw`` (``w.dtype``), by two kernels."""
+    n, dim = x.shape
+    v = w.shape[0]
+    dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    bn, bv = min(blocks.block_n, _round8(n)), min(blocks.block_v, _round8(v))
+    nt, nv = pl.cdiv(n, bn), pl.cdiv(v, bv)
+    cw = _class_weights(class_weight, v, dtype)
+    cap_arr = _cap_array(cap, dtype)
+    has_cap = cap_arr is not None
+    args = [
+        x,
+        w,
+        cw,
+        labels.astype(jnp.int32).reshape(n, 1),
+        _row_data(row_ok, coefs, shift, log_norm, dtype),
+    ]
+    args += [cap_arr] if has_cap else []
+    static = dict(n=n, num_classes=v, bn=bn, bv=bv, has_cap=has_cap)
+
+    def specs(tok, voc):
+        """BlockSpecs of the inputs, given how the grid indices map to (token, vocab) block."""
+        s = [
+            pl.BlockSpec((bn, dim), lambda a, b: (tok(a, b), 0)),
+            pl.BlockSpec((bv, dim), lambda a, b: (voc(a, b), 0)),
+            pl.BlockSpec((1, bv), lambda a, b: (0, voc(a, b))),
+            pl.BlockSpec((bn, 1), lambda a, b: (tok(a, b), 0)),
+            pl.BlockSpec((bn, 6), lambda a, b: (tok(a, b), 0)),
+        ]
+        return s + ([pl.BlockSpec((1, 1), lambda a, b: (0, 0))] if has_cap else [])
+
+    dx = pl.pallas_call(
+        functools.partial(_dx_kernel, **static),
+        grid=(nt, nv),
+        in_specs=specs(lambda a, b: a, lambda a, b: b),
+        out_specs=pl.BlockSpec((bn, dim), lambda a, b: (a, 0)),
+        out_shape=jax.ShapeDtypeStruct((n, dim), dtype),
+        compiler_params=None if _interpret() else _tpu_params("parallel", "arbitrary"),
+        interpret=_interpret(),
+        name="softjax_lce_dx",
+    )(*args)
+    dw = pl.pallas_call(
+        functools.partial(_dw_kernel, **static),
+        grid=(nv, nt),
+        in_specs=specs(lambda a, b: b, lambda a, b: a),
+        out_specs=pl.BlockSpec((bv, dim), lambda a, b: (a, 0)),
+        out_shape=jax.ShapeDtypeStruct((v, dim), w.dtype),
+        scratch_shapes=[_vmem((bv, dim), dtype)],
+        compiler_params=None if _interpret() else _tpu_params("parallel", "arbitrary"),
+        interpret=_interpret(),
+        name="softjax_lce_dw",
+    )(*args)
+    return dx, dw
+
+
+def _vmem(shape, dtype):
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.VMEM(shape, dtype)
