@@ -21,6 +21,7 @@ Mosaic TPU's ``"arbitrary"`` dimension semantics. On CPU the kernels run with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -61,11 +62,26 @@ class BlockSizes:
 
 # Overridable by tests (small blocks exercise ragged edges at small sizes).
 DEFAULT_BLOCKS: BlockSizes | None = None
+_TARGET: list[str] = []  # set by `target_platform`
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Trace the kernels for ``platform`` (e.g. "tpu" under ``jax.export`` on a CPU host)."""
+    _TARGET.append(platform)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+def _platform() -> str:
+    return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
 def check_supported(dim: int, num_classes: int, dtype, platform: str | None = None) -> BlockSizes:
     """The block sizes for this call, or NotImplementedError naming what is missing."""
-    platform = platform or jax.default_backend()
+    platform = platform or _platform()
     if platform not in ("tpu", "cpu"):
         raise NotImplementedError(
             f"implementation='pallas' has no kernel for platform {platform!r} (its kernels "
@@ -81,7 +97,7 @@ def check_supported(dim: int, num_classes: int, dtype, platform: str | None = No
 
 
 def _interpret() -> bool:
-    return jax.default_backend() == "cpu"
+    return _platform() == "cpu"
 
 
 def _tpu_params(*semantics):
