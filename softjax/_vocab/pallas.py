@@ -57,7 +57,9 @@ class BlockSizes:
     @classmethod
     def default(cls, platform: str) -> BlockSizes:
         """Per platform: TPU VMEM holds 2 x [256, D] + 2 x [512, D] bf16 at D <= 8192."""
-        return cls(256, 512) if platform == "tpu" else cls(32, 256)
+        if platform == "tpu":
+            return cls(256, 512)
+        return cls(32, 64) if platform in ("gpu", "cuda") else cls(32, 256)
 
 
 # Overridable by tests (small blocks exercise ragged edges at small sizes).
@@ -82,18 +84,38 @@ def _platform() -> str:
 def check_supported(dim: int, num_classes: int, dtype, platform: str | None = None) -> BlockSizes:
     """The block sizes for this call, or NotImplementedError naming what is missing."""
     platform = platform or _platform()
-    if platform not in ("tpu", "cpu"):
+    if platform not in ("tpu", "cpu", "gpu", "cuda"):
         raise NotImplementedError(
-            f"implementation='pallas' has no kernel for platform {platform!r} (its kernels "
-            "accumulate over a sequential grid axis, which only Mosaic TPU and interpret "
-            "mode on CPU provide); use implementation='xla'"
+            f"implementation='pallas' has no kernel for platform {platform!r} (kernels exist "
+            "for tpu (Mosaic), cuda (Triton) and cpu (interpreted)); use implementation='xla'"
         )
-    if platform == "tpu" and np.dtype(dtype) == np.float64:
-        raise NotImplementedError("implementation='pallas' on TPU has no float64 kernel")
+    if platform != "cpu" and np.dtype(dtype) == np.float64:
+        raise NotImplementedError(f"implementation='pallas' on {platform} has no float64 kernel")
     blocks = DEFAULT_BLOCKS or BlockSizes.default(platform)
     if platform == "tpu" and (blocks.block_n % 128 or blocks.block_v % 128):
         raise ValueError(f"on TPU block sizes must be multiples of 128, got {blocks}")
+    if _driver(platform) == "gpu":
+        if dim & (dim - 1) or dim < 16:
+            raise NotImplementedError(
+                f"implementation='pallas' on GPU needs the hidden size D to be a power of two "
+                f">= 16 (Triton blocks), got D={dim}"
+            )
+        if num_classes < 16:
+            raise NotImplementedError(
+                f"implementation='pallas' on GPU needs at least 16 classes, got {num_classes}"
+            )
     return blocks
+
+
+# Which kernel family interpret mode on CPU runs: "tpu" (grid accumulation) or "gpu".
+CPU_DRIVER = "tpu"
+
+
+def _driver(platform: str | None = None) -> str:
+    platform = platform or _platform()
+    if platform == "cpu":
+        return CPU_DRIVER
+    return "tpu" if platform == "tpu" else "gpu"
 
 
 def _interpret() -> bool:
@@ -151,6 +173,8 @@ def _fwd_kernel(*refs, num_classes, bv, smoothing, has_cap):
 
 def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: bool):
     """Per-row :class:`xla.Stats` (``[N]`` each) of ``softcap(x @ w.T)``, by a Pallas kernel."""
+    if _driver() == "gpu":
+        return _gpu_forward_stats(x, w, class_weight, cap, blocks=blocks, smoothing=smoothing)
     n, dim = x.shape
     v = w.shape[0]
     dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
@@ -268,6 +292,10 @@ def _dw_kernel(*refs, n, num_classes, bn, bv, has_cap):
 
 def backward(x, w, labels, row_ok, coefs, shift, log_norm, class_weight, cap, *, blocks):
     """``dx`` (float32, summed over this ``w``) and ``dw`` (``w.dtype``), by two kernels."""
+    if _driver() == "gpu":
+        return _gpu_backward(
+            x, w, labels, row_ok, coefs, shift, log_norm, class_weight, cap, blocks=blocks
+        )
     n, dim = x.shape
     v = w.shape[0]
     dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
@@ -325,3 +353,174 @@ def _vmem(shape, dtype):
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.VMEM(shape, dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU (Triton): one program per parallel block, the reduction as a loop inside it
+#
+# GPU programs run concurrently, so nothing may accumulate across the grid. Each program
+# owns a token block (fwd, dx) or a vocabulary block (dw) and loops over the other axis.
+# Ragged edges use clamped starts, as the xla path: the last block starts at ``V - Bv``
+# (``N - Bn``) and masks what the previous block covered, so no load is out of bounds;
+# rows shared by two programs are computed identically by both.
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    b = 1
+    while b * 2 <= min(n, cap):
+        b *= 2
+    return b
+
+
+def _gpu_blocks(n, v, blocks):
+    return _pow2_at_most(n, blocks.block_n), _pow2_at_most(v, blocks.block_v)
+
+
+def _gpu_call(kernel, grid, out_shape, name, args):
+    interpret = _interpret()
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        out_shape=out_shape,
+        compiler_params=params,
+        interpret=interpret,
+        name=name,
+    )(*args)
+
+
+def _clamped(k, b, total):
+    """Start of block ``k`` clamped to ``total - b``, and the row/column mask of its own part."""
+    start = jnp.minimum(k * b, total - b)
+    return start, start + lax.broadcasted_iota(jnp.int32, (1, b), 1) >= k * b
+
+
+def _gpu_fwd_kernel(*refs, n, num_classes, bn, bv, smoothing, has_cap):
+    if has_cap:
+        x_ref, w_ref, cw_ref, cap_ref, *outs = refs
+        cap = cap_ref[...]
+    else:
+        x_ref, w_ref, cw_ref, *outs = refs
+        cap = None
+    r0 = jnp.minimum(pl.program_id(0) * bn, n - bn)
+    x = x_ref[pl.ds(r0, bn), :]
+    dtype = outs[0].dtype
+
+    def body(j, carry):
+        st, ws = carry
+        s, col_ok = _clamped(j, bv, num_classes)
+        cw = cw_ref[:, pl.ds(s, bv)]
+        _, z = xla.block_logits(x, w_ref[pl.ds(s, bv), :], cap, dtype)
+        st = xla.merge_block(st, z, col_ok, cw, ws, smoothing)
+        return st, ws + jnp.sum(jnp.where(col_ok, cw, 0.0), axis=-1, keepdims=True)
+
+    init = (xla.init_stats(bn, dtype), jnp.zeros((bn, 1), dtype))
+    st, _ = lax.fori_loop(0, pl.cdiv(num_classes, bv), body, init)
+    for ref, a in zip(outs, st, strict=True):
+        ref[pl.ds(r0, bn), :] = a
+
+
+def _gpu_forward_stats(x, w, class_weight, cap, *, blocks, smoothing):
+    n, _ = x.shape
+    v = w.shape[0]
+    dtype = jnp.float32
+    bn, bv = _gpu_blocks(n, v, blocks)
+    cap_arr = _cap_array(cap, dtype)
+    args = [x, w, _class_weights(class_weight, v, dtype)]
+    args += [cap_arr] if cap_arr is not None else []
+    kernel = functools.partial(
+        _gpu_fwd_kernel,
+        n=n,
+        num_classes=v,
+        bn=bn,
+        bv=bv,
+        smoothing=smoothing,
+        has_cap=cap_arr is not None,
+    )
+    outs = _gpu_call(
+        kernel,
+        (pl.cdiv(n, bn),),
+        [jax.ShapeDtypeStruct((n, 1), dtype)] * 4,
+        "softjax_lce_fwd",
+        args,
+    )
+    return xla.Stats(*(a[:, 0] for a in outs))
+
+
+def _gpu_dx_kernel(*refs, n, num_classes, bn, bv, has_cap):
+    x_ref, w_ref, cw_ref, lab_ref, rows_ref, cap, (dx_ref,) = _unpack(refs, has_cap)
+    r0 = jnp.minimum(pl.program_id(0) * bn, n - bn)
+    x = x_ref[pl.ds(r0, bn), :]
+    lab, rows = lab_ref[pl.ds(r0, bn), :], rows_ref[pl.ds(r0, bn), :]
+    all_rows = jnp.ones((bn, 1), jnp.bool_)
+
+    def body(j, dx):
+        s, col_ok = _clamped(j, bv, num_classes)
+        w = w_ref[pl.ds(s, bv), :]
+        cols = s + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
+        dz = _grad_block(x, w, cw_ref[:, pl.ds(s, bv)], cap, lab, rows, cols, col_ok, all_rows)
+        return dx + lax.dot_general(
+            dz.astype(x.dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=dx.dtype
+        )
+
+    dx = lax.fori_loop(0, pl.cdiv(num_classes, bv), body, jnp.zeros(x.shape, dx_ref.dtype))
+    dx_ref[pl.ds(r0, bn), :] = dx
+
+
+def _gpu_dw_kernel(*refs, n, num_classes, bn, bv, has_cap):
+    x_ref, w_ref, cw_ref, lab_ref, rows_ref, cap, (dw_ref,) = _unpack(refs, has_cap)
+    s = jnp.minimum(pl.program_id(0) * bv, num_classes - bv)
+    w = w_ref[pl.ds(s, bv), :]
+    cw = cw_ref[:, pl.ds(s, bv)]
+    cols = s + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
+    # Columns shared with the previous program get their full gradient here too.
+    all_cols = jnp.ones((1, bv), jnp.bool_)
+
+    def body(i, acc):
+        r0, row_ok = _clamped(i, bn, n)
+        x = x_ref[pl.ds(r0, bn), :]
+        lab, rows = lab_ref[pl.ds(r0, bn), :], rows_ref[pl.ds(r0, bn), :]
+        dz = _grad_block(x, w, cw, cap, lab, rows, cols, all_cols, row_ok.reshape(bn, 1))
+        return acc + lax.dot_general(
+            dz.astype(x.dtype), x, (((0,), (0,)), ((), ())), preferred_element_type=acc.dtype
+        )
+
+    acc = lax.fori_loop(0, pl.cdiv(n, bn), body, jnp.zeros(w.shape, jnp.float32))
+    dw_ref[pl.ds(s, bv), :] = acc.astype(dw_ref.dtype)
+
+
+def _gpu_backward(x, w, labels, row_ok, coefs, shift, log_norm, class_weight, cap, *, blocks):
+    n, dim = x.shape
+    v = w.shape[0]
+    dtype = jnp.float32
+    bn, bv = _gpu_blocks(n, v, blocks)
+    cap_arr = _cap_array(cap, dtype)
+    has_cap = cap_arr is not None
+    args = [
+        x,
+        w,
+        _class_weights(class_weight, v, dtype),
+        labels.astype(jnp.int32).reshape(n, 1),
+        _row_data(row_ok, coefs, shift, log_norm, dtype),
+    ]
+    args += [cap_arr] if has_cap else []
+    static = dict(n=n, num_classes=v, bn=bn, bv=bv, has_cap=has_cap)
+    dx = _gpu_call(
+        functools.partial(_gpu_dx_kernel, **static),
+        (pl.cdiv(n, bn),),
+        jax.ShapeDtypeStruct((n, dim), dtype),
+        "softjax_lce_dx",
+        args,
+    )
+    dw = _gpu_call(
+        functools.partial(_gpu_dw_kernel, **static),
+        (pl.cdiv(v, bv),),
+        jax.ShapeDtypeStruct((v, dim), w.dtype),
+        "softjax_lce_dw",
+        args,
+    )
+    return dx, dw
