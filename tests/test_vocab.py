@@ -412,10 +412,14 @@ def _export_text(platform, n=512, d=256, v=5000):
             x, w, y, implementation="pallas", label_smoothing=0.1, logit_softcap=30.0
         )
 
+    # Triton kernels are custom calls without a serialisation-compatibility guarantee.
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     with pallas.target_platform(platform):
-        exported = jax.export.export(jax.jit(jax.value_and_grad(f, (0, 1))), platforms=[platform])(
-            *args
-        )
+        exported = jax.export.export(
+            jax.jit(jax.value_and_grad(f, (0, 1))),
+            platforms=[platform],
+            disabled_checks=checks if platform == "cuda" else (),
+        )(*args)
     return exported.mlir_module()
 
 
@@ -426,6 +430,19 @@ def test_pallas_lowers_for_tpu():
     assert "tpu_custom_call" in text
 
 
+def test_pallas_lowers_for_cuda():
+    text = _export_text("cuda")
+    for name in ("softjax_lce_fwd", "softjax_lce_dx", "softjax_lce_dw"):
+        assert f'name = "{name}"' in text, name
+    assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("name", ["plain", "all"])
+def test_pallas_gpu_kernels_interpret_match_xla(pallas_blocks, monkeypatch, name):
+    monkeypatch.setattr(pallas_blocks, "CPU_DRIVER", "gpu")
+    test_pallas_interpret_matches_xla(pallas_blocks, name)
+
+
 def test_pallas_on_unserved_platform_names_what_is_missing():
     from softjax._vocab import pallas
 
@@ -433,5 +450,7 @@ def test_pallas_on_unserved_platform_names_what_is_missing():
         pallas.check_supported(256, 5000, F32, platform="rocm")
     with pytest.raises(NotImplementedError, match="float64"):
         pallas.check_supported(256, 5000, F64, platform="tpu")
+    with pytest.raises(NotImplementedError, match="power of two"):
+        pallas.check_supported(96, 5000, F32, platform="cuda")
     with pytest.raises(ValueError, match="multiple of 8"):
         pallas.BlockSizes(12, 128)

@@ -223,20 +223,33 @@ def _class_weights(class_weight, v, dtype):
 
 
 def _row_data(row_ok, coefs, shift, log_norm, dtype):
-    """The per-row inputs of the backward kernels as one ``[N, 6]`` array."""
+    """The per-row inputs of the backward kernels as one ``[N, 8]`` array (2 unused columns:
+    Triton blocks have power-of-two sizes)."""
     cols = (row_ok.astype(dtype), coefs.prob, coefs.target, coefs.smooth, shift, log_norm)
+    cols += (jnp.zeros_like(shift),) * 2
     return jnp.stack([c.astype(dtype) for c in cols], axis=1)
 
 
 def _grad_block(x, w, cw, cap, labels, rows, cols, col_ok, row_ok):
-    """``dz`` [Bn, Bv] of a block: the gradient of the loss with respect to the raw logits."""
-    raw, z = xla.block_logits(x, w, cap, rows.dtype)
+    """``dz`` [Bn, Bv] of a block: the gradient of the loss with respect to the raw logits.
+
+    ``rows`` are the six ``[Bn, 1]`` columns of :func:`_row_data` (read one by one from the
+    ref: Triton has no static slices of loaded values).
+    """
+    ok, prob, target, smooth, shift, log_norm = rows
+    raw, z = xla.block_logits(x, w, cap, shift.dtype)
     z = jnp.where(col_ok, z, -jnp.inf)
-    stats = _losses.RowStats(rows[:, 4:5], rows[:, 5:6])
-    coefs = _losses.GradCoefs(rows[:, 1:2], rows[:, 2:3], rows[:, 3:4])
+    stats = _losses.RowStats(shift, log_norm)
+    coefs = _losses.GradCoefs(prob, target, smooth)
     dz = _losses.logit_grads(_losses.probs(z, stats), cols == labels, coefs, cw)
     dz = _losses.softcap_grad(raw, cap, dz)
-    return jnp.where(col_ok & row_ok & (rows[:, 0:1] > 0), dz, 0.0)
+    return jnp.where(col_ok & row_ok & (ok > 0), dz, 0.0)
+
+
+def _read_rows(rows_ref, start=None, size=None):
+    """The six per-row columns of a ``[.., 8]`` row-data ref (all rows, or ``size`` rows)."""
+    idx = slice(None) if start is None else pl.ds(start, size)
+    return tuple(rows_ref[idx, pl.ds(k, 1)] for k in range(6))
 
 
 def _unpack(refs, has_cap):
@@ -260,7 +273,15 @@ def _dx_kernel(*refs, n, num_classes, bn, bv, has_cap):
     # Padded rows of w (past V) may hold anything: zero them before the matmul.
     w = jnp.where(_valid_rows(j, bv, num_classes), w_ref[...], 0).astype(x.dtype)
     dz = _grad_block(
-        x, w, cw_ref[...], cap, lab_ref[...], rows_ref[...], cols, col_ok, _valid_rows(i, bn, n)
+        x,
+        w,
+        cw_ref[...],
+        cap,
+        lab_ref[...],
+        _read_rows(rows_ref),
+        cols,
+        col_ok,
+        _valid_rows(i, bn, n),
     )
     dx_ref[...] += lax.dot_general(
         dz.astype(x.dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=dx_ref.dtype
@@ -279,7 +300,7 @@ def _dw_kernel(*refs, n, num_classes, bn, bv, has_cap):
     row_ok = _valid_rows(i, bn, n)
     x = jnp.where(row_ok, x_ref[...], 0).astype(x_ref.dtype)  # padded rows past N
     dz = _grad_block(
-        x, w_ref[...], cw_ref[...], cap, lab_ref[...], rows_ref[...], cols, col_ok, row_ok
+        x, w_ref[...], cw_ref[...], cap, lab_ref[...], _read_rows(rows_ref), cols, col_ok, row_ok
     )
     acc_ref[...] += lax.dot_general(
         dz.astype(x.dtype), x, (((0,), (0,)), ((), ())), preferred_element_type=acc_ref.dtype
@@ -321,7 +342,7 @@ def backward(x, w, labels, row_ok, coefs, shift, log_norm, class_weight, cap, *,
             pl.BlockSpec((bv, dim), lambda a, b: (voc(a, b), 0)),
             pl.BlockSpec((1, bv), lambda a, b: (0, voc(a, b))),
             pl.BlockSpec((bn, 1), lambda a, b: (tok(a, b), 0)),
-            pl.BlockSpec((bn, 6), lambda a, b: (tok(a, b), 0)),
+            pl.BlockSpec((bn, 8), lambda a, b: (tok(a, b), 0)),
         ]
         return s + ([pl.BlockSpec((1, 1), lambda a, b: (0, 0))] if has_cap else [])
 
@@ -455,7 +476,7 @@ def _gpu_dx_kernel(*refs, n, num_classes, bn, bv, has_cap):
     x_ref, w_ref, cw_ref, lab_ref, rows_ref, cap, (dx_ref,) = _unpack(refs, has_cap)
     r0 = jnp.minimum(pl.program_id(0) * bn, n - bn)
     x = x_ref[pl.ds(r0, bn), :]
-    lab, rows = lab_ref[pl.ds(r0, bn), :], rows_ref[pl.ds(r0, bn), :]
+    lab, rows = lab_ref[pl.ds(r0, bn), :], _read_rows(rows_ref, r0, bn)
     all_rows = jnp.ones((bn, 1), jnp.bool_)
 
     def body(j, dx):
@@ -483,7 +504,7 @@ def _gpu_dw_kernel(*refs, n, num_classes, bn, bv, has_cap):
     def body(i, acc):
         r0, row_ok = _clamped(i, bn, n)
         x = x_ref[pl.ds(r0, bn), :]
-        lab, rows = lab_ref[pl.ds(r0, bn), :], rows_ref[pl.ds(r0, bn), :]
+        lab, rows = lab_ref[pl.ds(r0, bn), :], _read_rows(rows_ref, r0, bn)
         dz = _grad_block(x, w, cw, cap, lab, rows, cols, all_cols, row_ok.reshape(bn, 1))
         return acc + lax.dot_general(
             dz.astype(x.dtype), x, (((0,), (0,)), ((), ())), preferred_element_type=acc.dtype
