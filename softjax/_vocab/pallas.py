@@ -1,22 +1,26 @@
 """Pallas kernels of ``linear_cross_entropy``: the vocabulary-scale reduction fused per block.
 
-Three kernels, each a grid over (parallel blocks, reduction blocks) with the reduction axis
-innermost and sequential, so an output block stays resident while it accumulates:
+Three kernels, ``softjax_lce_fwd`` (logits block -> online logsumexp and smoothing
+statistics per row, by ``xla.merge_block``, the same code as the xla path),
+``softjax_lce_dx`` (recomputed logits -> gradient block -> ``dx += dz @ w_blk`` in float32)
+and ``softjax_lce_dw`` (``dw_blk += dz.T @ x_blk`` in float32, cast once). Only
+``[Bn, Bv]`` logits blocks ever exist, in fast memory.
 
-* ``softjax_lce_fwd``  grid (token blocks, vocab blocks): ``[Bn, D] x [D, Bv]`` logits and
-  the online logsumexp / smoothing statistics per row (``xla.merge_block``, the same code);
-* ``softjax_lce_dx``   grid (token blocks, vocab blocks): recomputed logits -> gradient
-  block -> ``dx += dz @ w_blk`` in float32;
-* ``softjax_lce_dw``   grid (vocab blocks, token blocks): ``acc += dz.T @ x_blk`` in a
-  float32 VMEM scratch, cast once into ``dw`` after the last token block.
+Two kernel families, because the platforms schedule grids differently:
 
-Only ``[Bn, Bv]`` logits ever exist, in VMEM. Ragged edges (``N`` or ``V`` not a multiple
-of the block) are masked in the kernels: padded columns get ``-inf`` logits and zero
-gradient, padded rows of ``x`` and ``w`` are zeroed before they reach a matmul.
+* TPU (Mosaic, the default lowering): grid (parallel blocks, reduction blocks) with the
+  reduction axis innermost and ``"arbitrary"`` (sequential), so an output block stays
+  resident in VMEM while it accumulates; ``dw`` accumulates in a float32 VMEM scratch.
+  Ragged edges are masked: padded columns get ``-inf`` logits and zero gradient, padded
+  rows of ``x`` and ``w`` are zeroed before they reach a matmul.
+* GPU (Triton): programs run concurrently, so nothing may accumulate across the grid: each
+  program owns a token block (fwd, dx) or a vocabulary block (dw) and loops over the other
+  axis inside the kernel, with clamped block starts (as the xla path) so that no load is
+  out of bounds. Triton, not Mosaic GPU: in jax 0.10 Mosaic GPU kernels are written against
+  warpgroup matmuls and TMA (``plgpu.kernel``), and ``pallas_call`` on Mosaic GPU is
+  deprecated; the Triton lowering takes these plain ``jnp`` block programs as they are.
 
-The grid-accumulation pattern needs sequential execution of the reduction axis: that is
-Mosaic TPU's ``"arbitrary"`` dimension semantics. On CPU the kernels run with
-``interpret=True`` (for tests). GPU is not served by these kernels (see ``check_supported``).
+On CPU both families run with ``interpret=True`` (``CPU_DRIVER`` picks which; tests).
 """
 
 from __future__ import annotations
