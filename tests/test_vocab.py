@@ -86,7 +86,10 @@ def _np_kwargs(kw):
     )
 
 
-CASES = [(name, red) for name in OPTIONS for red in ("mean", "none")] + [("all", "sum")]
+# Every option under an arbitrary cotangent ("none"); the other reductions with all options
+# at once by default, one by one in the slow run.
+CASES = [(name, "none") for name in OPTIONS] + [("all", "mean"), ("all", "sum")]
+CASES += [pytest.param(name, "mean", marks=pytest.mark.slow) for name in OPTIONS if name != "all"]
 
 
 @pytest.mark.parametrize("name,reduction", CASES)
@@ -118,7 +121,10 @@ def test_value_and_grads_match_oracle(small_blocks, name, reduction):
     assert_close(dw, rdw, 10 * tol(F32))
 
 
-@pytest.mark.parametrize("v,block", [(5000, 512), (50257, 4096), (7, 4096), (513, 512)])
+@pytest.mark.parametrize(
+    "v,block",
+    [(5000, 512), pytest.param(50257, 4096, marks=pytest.mark.slow), (7, 4096), (513, 512)],
+)
 def test_ragged_vocabularies(monkeypatch, v, block):
     monkeypatch.setattr(xla, "MAX_BLOCK_V", block)
     n, d = 6, 8
@@ -359,7 +365,10 @@ def pallas_blocks(monkeypatch):
     return pallas
 
 
-@pytest.mark.parametrize("name", ["plain", "all"])
+PALLAS_CASES = [pytest.param("plain", marks=pytest.mark.slow), "all"]
+
+
+@pytest.mark.parametrize("name", PALLAS_CASES)
 def test_pallas_interpret_matches_xla(pallas_blocks, name):
     n, d, v = 37, 16, 300  # ragged in both tokens (16) and classes (128)
     x, w, y = make(n, d, v, seed=11)
@@ -437,7 +446,7 @@ def test_pallas_lowers_for_cuda():
     assert "__gpu$xla.gpu.triton" in text
 
 
-@pytest.mark.parametrize("name", ["plain", "all"])
+@pytest.mark.parametrize("name", PALLAS_CASES)
 def test_pallas_gpu_kernels_interpret_match_xla(pallas_blocks, monkeypatch, name):
     monkeypatch.setattr(pallas_blocks, "CPU_DRIVER", "gpu")
     test_pallas_interpret_matches_xla(pallas_blocks, name)
