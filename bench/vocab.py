@@ -165,7 +165,7 @@ def run(args) -> list[dict]:
     else:
         n, d, vs, plot_vs = 8192, 2048, (65536, 131072), tuple(2**k for k in range(13, 19))
         tn, td, tv = 2048, 512, 32768
-    reps = args.reps or (2 if args.quick else 5)
+    reps = args.reps or (2 if args.quick else 3)
     rows = memory_rows(n, d, vs, jnp.bfloat16)
     if len(rows) == 2:
         growth = rows[1]["softjax_MiB"] / rows[0]["softjax_MiB"]
