@@ -19,10 +19,11 @@ F32, BF16, F64 = jnp.float32, jnp.bfloat16, jnp.float64
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of at most 512 classes and 10 tokens: small problems span several ragged ones."""
+    """Blocks of at most 512 classes and ~10 tokens: small problems span several ragged ones."""
     monkeypatch.setattr(xla, "MAX_BLOCK_V", 512)
     monkeypatch.setattr(xla, "MIN_BLOCK_V", 8)
     monkeypatch.setattr(xla, "BLOCK_N", 10)
+    monkeypatch.setattr(xla, "BLOCK_ELEMENTS", 10_000)  # single pass: 10 tokens at V=1000
 
 
 def make(n, d, v, dtype=F32, seed=0, scale=1.0):

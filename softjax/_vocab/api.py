@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .. import _checks, _losses
@@ -167,6 +168,65 @@ def _sum_to_type(ct, primal):
 row_losses.defvjp(_row_losses_fwd, _row_losses_bwd)
 
 
+# ---------------------------------------------------------------------------------------
+# Scalar reductions with float32 weights: one pass computes the loss and its gradients.
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def reduced_loss(x, w, labels, valid, class_weight, opts, cfg: Config, reduction: str):
+    """``reduce(row_losses(...))`` for "mean"/"sum"; differentiated in a single pass."""
+    losses = row_losses(x, w, labels, valid, class_weight, opts, cfg)
+    return _reduce(losses, labels, valid, class_weight, cfg, reduction, x.dtype)[0]
+
+
+def _reduce(losses, labels, valid, class_weight, cfg, reduction, x_dtype):
+    """The reduced loss and the factor it applies to the rows (1, or 1 / the denominator)."""
+    dtype = nx.compute_dtype(x_dtype)
+    lw = label_weights(class_weight, labels, cfg.num_classes, None, dtype)
+    den = jnp.sum(jnp.where(valid, lw, 0.0))
+    out = _losses.reduce_losses(losses, den, reduction)
+    one = jnp.ones((), dtype)
+    return out, one if reduction == "sum" else nx.safe_divide(one, den)
+
+
+def _reduced_loss_fwd(x, w, labels, valid, class_weight, opts, cfg, reduction):
+    dtype = nx.compute_dtype(x.dtype)
+    terms = _terms(labels, valid, class_weight, opts, cfg, w.shape[0], dtype)
+    block = xla.default_single_pass_block(x.shape[0], w.shape[0])
+    losses, dx, dw = xla.single_pass(
+        x, w, labels, valid, terms, class_weight, opts.softcap, block_n=block
+    )
+    out, scale = _reduce(losses, labels, valid, class_weight, cfg, reduction, x.dtype)
+    return out, (dx, dw, scale, class_weight, opts)
+
+
+def _reduced_loss_bwd(cfg, reduction, res, g):
+    dx, dw, scale, class_weight, opts = res
+    s = scale * g
+    zeros = None if class_weight is None else jnp.zeros_like(class_weight)
+    return (
+        (dx * s).astype(dx.dtype),
+        (dw * s).astype(dw.dtype),
+        None,
+        None,
+        zeros,
+        jax.tree.map(jnp.zeros_like, opts),
+    )
+
+
+reduced_loss.defvjp(_reduced_loss_fwd, _reduced_loss_bwd)
+
+
+def _single_pass_applies(cfg: Config, reduction: str, dtype) -> bool:
+    """float32/float64 weights (dw accumulates in its own dtype), unsharded, xla."""
+    return (
+        cfg.implementation == "xla"
+        and cfg.axis_name is None
+        and reduction != "none"
+        and np.dtype(dtype).itemsize >= 4
+    )
+
+
 def _default_implementation() -> str:
     return "pallas" if jax.default_backend() == "tpu" else "xla"
 
@@ -280,6 +340,9 @@ def linear_cross_entropy(
         cfg = cfg._replace(pallas_blocks=pallas.check_supported(x.shape[-1], v_local, mm_dtype))
 
     x2 = x.astype(mm_dtype).reshape(n, x.shape[-1])
+    if _single_pass_applies(cfg, reduction, mm_dtype):
+        args = (x2, w.astype(mm_dtype), labels.reshape(n), valid.reshape(n), class_weight, opts)
+        return reduced_loss(*args, cfg, reduction)
     losses = row_losses(
         x2, w.astype(mm_dtype), labels.reshape(n), valid.reshape(n), class_weight, opts, cfg
     ).reshape(batch_shape)

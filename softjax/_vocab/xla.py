@@ -280,3 +280,59 @@ def _opaque(operands):
     conversion stays per block (fused into the slice). It costs nothing at run time.
     """
     return lax.optimization_barrier(operands)
+
+
+# ---------------------------------------------------------------------------------------
+# Single pass (float32 weights, scalar reductions): loss and gradients together
+
+
+def default_single_pass_block(num_rows: int, num_classes: int) -> int:
+    """Tokens per chunk of the single pass: ``[Bn, V]`` float32 logits within the budget."""
+    b = max(8, BLOCK_ELEMENTS // max(num_classes, 1))
+    return max(1, min(num_rows, b))
+
+
+def single_pass(x, w, labels, row_ok, terms, class_weight, cap, *, block_n: int):
+    """Per-row losses ``[N]``, ``dx`` ``[N, D]`` and ``dw`` ``[V, D]`` (float32) for ``g = 1``.
+
+    Token chunks of ``Bn`` rows see the whole vocabulary at once (``[Bn, V]`` logits, with
+    ``Bn`` chosen so that this stays within a fixed budget: flat in ``V``), so the row maths
+    is exactly that of :func:`softjax.cross_entropy` (``row_stats``, ``row_losses``,
+    ``row_loss_grads``) and each logit is computed once: three matmuls in all, as the
+    materialising path, instead of four. ``dw`` accumulates across chunks in the carry,
+    which is why this path serves float32 (and float64) weights only: for them the float32
+    accumulator is the gradient itself.
+    """
+    n, dim = x.shape
+    v = w.shape[0]
+    dtype = nx.compute_dtype(x.dtype)
+    bn = min(block_n, n)
+    nt = -(-n // bn)
+    rows = (labels, row_ok, terms)
+
+    def body(j, carry):
+        loss, dx, dw, x, w = carry
+        x, w = _opaque((x, w))
+        r, _, r_ok = _block_start(j, bn, n)
+        x_blk = lax.dynamic_slice_in_dim(x, r, bn, 0)
+        lab, ok, tm = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, r, bn, 0), rows)
+        # Rows of the previous chunk (ragged last chunk) are recomputed but contribute nothing.
+        tm = jax.tree.map(lambda c: jnp.where(r_ok, c, 0.0), tm)
+        raw, z = block_logits(x_blk, w, cap, dtype)
+        stats = _losses.row_stats(z)
+        blk_loss = _losses.row_losses(z, lab, tm, class_weight, stats)
+        g = jnp.ones((bn,), dtype)
+        dz = _losses.row_loss_grads(z, lab, tm, class_weight, stats, g)
+        dz = _losses.softcap_grad(raw, cap, dz)
+        dz = jnp.where((ok & r_ok)[:, None], dz, 0.0).astype(x.dtype)
+        old = lax.dynamic_slice_in_dim(loss, r, bn, 0)
+        loss = lax.dynamic_update_slice_in_dim(loss, jnp.where(r_ok, blk_loss, old), r, 0)
+        dx_blk = lax.dot_general(dz, w, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+        dx_old = lax.dynamic_slice_in_dim(dx, r, bn, 0)
+        dx = lax.dynamic_update_slice_in_dim(dx, jnp.where(r_ok[:, None], dx_blk, dx_old), r, 0)
+        dw = dw + lax.dot_general(dz, x_blk, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
+        return loss, dx, dw, x, w
+
+    init = (jnp.zeros((n,), dtype), jnp.zeros((n, dim), dtype), jnp.zeros((v, dim), dtype), x, w)
+    loss, dx, dw, _, _ = lax.fori_loop(0, nt, body, init)
+    return loss, dx, dw
