@@ -9,7 +9,8 @@ across vocabulary blocks. A backend (``xla.py``, ``pallas.py``) supplies two fun
   float32 ``dx`` (summed over its ``w``) and ``dw``.
 
 Everything else (the target logit, the vocab-parallel merge, the per-row loss and its
-gradient coefficients) is written once here.
+gradient coefficients) is written once here. A second custom VJP, for scalar reductions
+with float32 weights, differentiates by ``xla.single_pass`` (loss and gradients together).
 """
 
 from __future__ import annotations
@@ -286,6 +287,14 @@ def linear_cross_entropy(
 
     Matmuls take ``x`` and ``w`` in their own dtype and accumulate in float32; ``dx`` and
     each block of ``dw`` are accumulated in float32 and cast once.
+
+    Memory and speed (xla path): with bf16/f16 weights, or reduction "none", or
+    ``vocab_axis_name``, temporary memory is flat in ``V`` (logits blocks of a fixed size
+    plus ``dx`` in float32) at the cost of one extra matmul (the backward recomputes the
+    logits). With float32/float64 weights and "mean"/"sum", differentiation runs one pass
+    over token chunks that computes the loss and both gradients together (three matmuls,
+    as the materialising path); its temporary memory is flat in ``V`` except for one
+    float32 ``dw``-sized buffer.
 
     Example:
       >>> x = jnp.ones((4, 8)); w = jnp.ones((10, 8)) / 8
