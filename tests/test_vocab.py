@@ -325,6 +325,16 @@ def test_vocab_parallel_matches_unsharded(monkeypatch, with_weight):
         assert_close(a, b, 4 * tol(F32))
 
 
+@pytest.mark.parametrize("check_vma,spec", [(False, P("model")), (True, P())])
+def test_vocab_parallel_refuses_untyped_or_replicated_w(check_vma, spec):
+    x, w, y, _, _ = _sharded_case()
+    mesh = Mesh(np.array(jax.devices()[:8]), ("model",))
+    local = lambda x, w: softjax.linear_cross_entropy(x, w, y, vocab_axis_name="model")  # noqa: E731
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=P(), check_vma=check_vma)
+    with pytest.raises(ValueError, match="check_vma=True"):
+        f(x, w)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_vocab_parallel_with_data_axis(monkeypatch, reduction):
     monkeypatch.setattr(xla, "MAX_BLOCK_V", 100)  # 250 classes a device

@@ -332,6 +332,17 @@ def linear_cross_entropy(
     if ignore_index is not None:
         valid = valid & (labels != ignore_index)
 
+    if (
+        vocab_axis_name is not None
+        and xla._tracks_varying_axes(w)
+        and vocab_axis_name not in xla._varying_axes(w)
+    ):
+        # Without the varying-axes types, shard_map cannot tell which cotangents to sum over
+        # the mesh: the gradients would be silently wrong. Refuse instead.
+        raise ValueError(
+            f"vocab_axis_name={vocab_axis_name!r} needs w sharded over that mesh axis inside "
+            "jax.shard_map with check_vma=True (the default); w does not vary over it here"
+        )
     impl = implementation or _default_implementation()
     num_classes = v_local if vocab_axis_name is None else v_local * lax.axis_size(vocab_axis_name)
     n = math.prod(batch_shape)

@@ -132,6 +132,12 @@ def _varying_axes(a) -> set:
     return set(vma or ())
 
 
+def _tracks_varying_axes(a) -> bool:
+    """Whether this JAX records the mesh axes a value varies over (see ``_varying_axes``)."""
+    t = jax.typeof(a)
+    return hasattr(t, "vma") or hasattr(t, "manual_axis_type")
+
+
 def match_vma(tree, *like):
     """``tree`` marked as varying over every mesh axis that any of ``like`` varies over.
 
