@@ -5,10 +5,12 @@ from ._losses import cross_entropy as cross_entropy
 from ._softmax import log_softmax as log_softmax
 from ._softmax import logsumexp as logsumexp
 from ._softmax import softmax as softmax
+from ._vocab import linear_cross_entropy as linear_cross_entropy
 
 __all__ = [
     "binary_cross_entropy",
     "cross_entropy",
+    "linear_cross_entropy",
     "log_softmax",
     "logsumexp",
     "softmax",

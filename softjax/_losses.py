@@ -116,10 +116,18 @@ def row_losses(z, labels, terms: LabelTerms, class_weight, stats: RowStats):
     z_y = jnp.take_along_axis(z, _safe_index(labels, z.shape[-1])[..., None], axis=-1)
     n_y = neg_log_probs(z_y, stats)[..., 0]  # from the target logit alone: no [..., C] pass
     n = neg_log_probs(z, stats)
-    loss = terms.nll_coef * n_y
     smooth = jnp.sum(n if class_weight is None else n * class_weight, axis=-1)
+    return combine_row_terms(terms, n_y, smooth, stats.lse[..., 0])
+
+
+def combine_row_terms(terms: LabelTerms, n_y, smooth, lse):
+    """``nll_coef * n_y + smooth_coef * smooth + zloss_coef * lse**2`` per row.
+
+    ``n_y = -log p_y``, ``smooth = sum_c w_c (-log p_c)``; a zero coefficient contributes
+    exactly 0 even where its term is infinite.
+    """
+    loss = terms.nll_coef * n_y
     loss = loss + jnp.where(terms.smooth_coef == 0, 0.0, terms.smooth_coef * smooth)
-    lse = stats.lse[..., 0]
     return loss + jnp.where(terms.zloss_coef == 0, 0.0, terms.zloss_coef * lse * lse)
 
 
@@ -130,15 +138,41 @@ def row_loss_grads(z, labels, terms: LabelTerms, class_weight, stats: RowStats, 
     """
     p = probs(z, stats)
     w_sum = z.shape[-1] if class_weight is None else jnp.sum(class_weight)
-    lse = stats.lse[..., 0]
+    coefs = grad_coefs(terms, w_sum, stats.lse[..., 0], g)
+    classes = jax.lax.broadcasted_iota(labels.dtype, z.shape, z.ndim - 1)
+    return logit_grads(p, classes == labels[..., None], coefs, class_weight)
+
+
+class GradCoefs(NamedTuple):
+    """Per-row coefficients of ``d loss / d z_c = prob p_c - target [c == y] - smooth w_c``."""
+
+    prob: jax.Array
+    target: jax.Array
+    smooth: jax.Array
+
+
+def grad_coefs(terms: LabelTerms, w_sum, lse, g) -> GradCoefs:
+    """The coefficients of :func:`logit_grads` for upstream cotangent ``g`` (per row).
+
+    ``prob = g * (a + b * sum(w) + 2 k * lse)``, ``target = g * a``, ``smooth = g * b``.
+    """
     zl_term = jnp.where(terms.zloss_coef == 0, 0.0, 2 * terms.zloss_coef * lse)
     p_coef = (terms.nll_coef + terms.smooth_coef * w_sum + zl_term) * g
-    classes = jax.lax.broadcasted_iota(labels.dtype, z.shape, z.ndim - 1)
-    onehot_coef = (terms.nll_coef * g)[..., None]
-    smooth_coef = (terms.smooth_coef * g)[..., None]
+    return GradCoefs(p_coef, terms.nll_coef * g, terms.smooth_coef * g)
+
+
+def logit_grads(p, is_target, coefs: GradCoefs, class_weight):
+    """``prob * p_c - target * [c == y] - smooth * w_c`` on a block of classes ``[..., c]``.
+
+    ``p`` and ``is_target`` cover the block, ``class_weight`` its slice of the weights (or
+    None for all ones); the coefficients are per row, ``[...]`` or ``[..., 1]``. A class of
+    probability 0 gets no ``prob`` term whatever it is.
+    """
+    col = lambda c: c if c.ndim == p.ndim else c[..., None]  # noqa: E731 (rows as [..., 1])
+    smooth_coef = col(coefs.smooth)
     w = 1.0 if class_weight is None else class_weight
-    grad = nx.zero_where_prob_zero(p, p_coef[..., None]) - jnp.where(
-        classes == labels[..., None], onehot_coef, 0.0
+    grad = nx.zero_where_prob_zero(p, col(coefs.prob)) - jnp.where(
+        is_target, col(coefs.target), 0.0
     )
     return grad - jnp.where(smooth_coef == 0, 0.0, smooth_coef * w)
 

@@ -1,0 +1,178 @@
+"""Vocabulary-scale cross-entropy: ``linear_cross_entropy`` beside ``x @ w.T`` + optax.
+
+* Memory: compiled temp size of ``value_and_grad`` with respect to ``(x, w)`` (exact, no
+  run) at N=8192 tokens, D=2048, V=131072, bfloat16, and at V=65536 for the growth in V;
+  a PNG of temp memory against V (8k..256k) for both.
+* Time: forward + backward at N=2048, D=512, V=32768 float32, interleaved medians, beside
+  the naive path and, when installed, ``torch.nn.functional.linear_cross_entropy`` with
+  its chunked options.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import softjax
+
+from .harness import median_times, temp_bytes, ulp_error
+
+
+def fused(x, w, y):
+    return softjax.linear_cross_entropy(x, w, y)
+
+
+def naive(x, w, y):
+    logits = jnp.einsum("nd,vd->nv", x, w, preferred_element_type=jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _specs(n, d, v, dtype):
+    return (
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((v, d), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+
+
+def _grad_temp(fn, n, d, v, dtype) -> int:
+    return temp_bytes(jax.value_and_grad(fn, (0, 1)), *_specs(n, d, v, dtype))
+
+
+def memory_rows(n, d, vs, dtype) -> list[dict]:
+    rows = []
+    for v in vs:
+        ours, peer = _grad_temp(fused, n, d, v, dtype), _grad_temp(naive, n, d, v, dtype)
+        rows.append(
+            dict(
+                op="linear_cross_entropy",
+                case=f"mem N={n} D={d} V={v}",
+                dtype=jnp.dtype(dtype).name,
+                peer="x@w.T + optax",
+                softjax_MiB=ours / 2**20,
+                peer_MiB=peer / 2**20,
+                mem_ratio=ours / peer,
+            )
+        )
+    return rows
+
+
+def memory_plot(n, d, vs, dtype, path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ours = [_grad_temp(fused, n, d, v, dtype) / 2**20 for v in vs]
+    peer = [_grad_temp(naive, n, d, v, dtype) / 2**20 for v in vs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(vs, peer, "o-", label="x @ w.T + optax (naive)")
+    ax.plot(vs, ours, "s-", label="softjax.linear_cross_entropy")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("vocabulary size V")
+    ax.set_ylabel("temp memory of value_and_grad (MiB)")
+    ax.set_title(f"N={n} tokens, D={d}, {jnp.dtype(dtype).name}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _torch_fn(x, w, y):
+    """fwd+bwd of torch's linear_cross_entropy with its chunked options, or None."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return None
+    tx = torch.tensor(np.asarray(x), requires_grad=True)
+    tw = torch.tensor(np.asarray(w), requires_grad=True)
+    ty = torch.tensor(np.asarray(y), dtype=torch.long)
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def run():
+        tx.grad = tw.grad = None
+        loss = F.linear_cross_entropy(tx, tw, ty, options=options)
+        loss.backward()
+        return float(loss.detach())
+
+    return run
+
+
+def time_rows(n, d, v, reps) -> list[dict]:
+    kx, kw, ky = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (n, d), jnp.float32)
+    w = jax.random.normal(kw, (v, d), jnp.float32) / np.sqrt(d)
+    y = jax.random.randint(ky, (n,), 0, v)
+    ours = jax.jit(jax.value_and_grad(fused, (0, 1)))
+    peer = jax.jit(jax.value_and_grad(naive, (0, 1)))
+    fns = [lambda: ours(x, w, y), lambda: peer(x, w, y)]
+    torch_run = _torch_fn(x, w, y)
+    if torch_run is not None:
+        fns.append(torch_run)
+    times = median_times(fns, (), reps=reps, warmup=1)
+    # Error of the loss against float64 (NumPy), in float32 ulps.
+    z = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    m = z.max(-1)
+    lse = m + np.log(np.exp(z - m[:, None]).sum(-1))
+    ref = np.mean(lse - z[np.arange(n), np.asarray(y)])
+    err = lambda out: ulp_error(np.asarray(out), np.asarray(ref), jnp.float32)  # noqa: E731
+    case = f"fwd+bwd N={n} D={d} V={v}"
+    rows = [
+        dict(
+            op="linear_cross_entropy",
+            case=case,
+            dtype="float32",
+            peer="x@w.T + optax",
+            time_ratio=times[0] / times[1],
+            softjax_ms=times[0] * 1e3,
+            peer_ms=times[1] * 1e3,
+            softjax_err=err(ours(x, w, y)[0]),
+            peer_err=err(peer(x, w, y)[0]),
+        )
+    ]
+    if torch_run is not None:
+        rows.append(
+            dict(
+                op="linear_cross_entropy",
+                case=case,
+                dtype="float32",
+                peer="torch chunked",
+                time_ratio=times[0] / times[2],
+                softjax_ms=times[0] * 1e3,
+                peer_ms=times[2] * 1e3,
+                peer_err=err(torch_run()),
+            )
+        )
+    return rows
+
+
+def run(args) -> list[dict]:
+    if args.quick:
+        n, d, vs, plot_vs = 512, 128, (4096, 8192), (4096, 8192)
+        tn, td, tv = 128, 64, 2048
+    else:
+        n, d, vs, plot_vs = 8192, 2048, (65536, 131072), tuple(2**k for k in range(13, 19))
+        tn, td, tv = 2048, 512, 32768
+    reps = args.reps or (2 if args.quick else 3)
+    rows = memory_rows(n, d, vs, jnp.bfloat16)
+    if len(rows) == 2:
+        growth = rows[1]["softjax_MiB"] / rows[0]["softjax_MiB"]
+        rows[1]["case"] += f" (x{growth:.3f} vs V/2)"
+    rows += time_rows(tn, td, tv, reps)
+    os.makedirs(args.out, exist_ok=True)
+    path = memory_plot(n, d, plot_vs, jnp.bfloat16, os.path.join(args.out, "vocab_memory.png"))
+    if path:
+        print(f"wrote {path}")
+    return rows

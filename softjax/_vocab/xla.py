@@ -1,0 +1,344 @@
+"""Streaming linear cross-entropy in plain JAX: a loop over vocabulary blocks.
+
+The logits ``z = x @ w.T`` (``[N, V]``) are never materialised. The forward pass visits
+``w`` block by block (``[Bv, D]``) and keeps, per row, an online logsumexp (running max
+``m`` and ``rest = sum_c exp(z_c - m) - 1``, merged across blocks) and the smoothing sum
+``d = sum_c w_c (m - z_c)``. The backward pass visits the blocks again, recomputes each
+block of logits and turns it straight into its gradient block, so the only arrays that grow
+with the vocabulary are ``w`` and ``dw`` themselves.
+
+Per block the work is one ``[N, D] x [D, Bv]`` matmul forward and three backward
+(recompute, ``dx``, ``dw``), against one forward and two backward for the materialising
+path: the price of flat memory is one extra matmul.
+
+A vocabulary that is not a multiple of ``Bv`` needs no padding in memory: the last block
+starts at ``V - Bv`` (``dynamic_slice`` clamps there anyway) and masks the columns that the
+previous block already covered.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .. import _losses
+from .. import _numerics as nx
+
+# The xla path holds a few [N, Bv] float32 blocks at a time: Bv is the largest power of two
+# with N * Bv <= this many elements (32 MiB of float32), clamped to [128, 4096].
+BLOCK_ELEMENTS = 2**23
+MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
+BLOCK_N = 1024
+
+
+def default_block_n(num_rows: int) -> int:
+    """Token block of the xla backward pass: ``[Bn, D]`` float32 pieces of ``dx``."""
+    return min(num_rows, BLOCK_N)
+
+
+def default_block_v(num_rows: int, num_classes: int) -> int:
+    """The vocabulary block size of the xla path for ``num_rows`` tokens (see above)."""
+    b = MAX_BLOCK_V
+    while b > MIN_BLOCK_V and num_rows * b > BLOCK_ELEMENTS:
+        b //= 2
+    return max(1, min(b, num_classes))
+
+
+class Stats(NamedTuple):
+    """Per-row running statistics of the (capped) logits seen so far, all ``[N]``.
+
+    ``lse = m + log1p(rest)``; ``rest`` is kept apart from the 1 contributed by the maximum
+    so that a dominant class keeps a tiny loss accurate (as ``softjax._numerics``).
+    ``rest_c`` is the TwoSum compensation of ``rest`` across blocks. ``d`` is
+    ``sum_c w_c (m - z_c) >= 0`` over the classes seen: the smoothing term
+    ``sum_c w_c (-log p_c) = d + sum(w) * log1p(rest)`` then adds two non-negative numbers
+    instead of cancelling ``sum(w) * lse - sum_c w_c z_c``.
+    """
+
+    m: jax.Array
+    rest: jax.Array
+    rest_c: jax.Array
+    d: jax.Array
+
+
+def init_stats(n: int, dtype) -> Stats:
+    """Nothing seen yet, as ``[n, 1]`` columns (the layout :func:`merge_block` works in)."""
+    zeros = jnp.zeros((n, 1), dtype)
+    return Stats(jnp.full((n, 1), -jnp.inf, dtype), zeros, zeros, zeros)
+
+
+def block_logits(x, w_blk, cap, dtype):
+    """Raw logits ``x @ w_blk.T`` (accumulated in ``dtype``) and their softcapped values."""
+    raw = lax.dot_general(x, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+    return raw, _losses.softcap(raw, cap)
+
+
+def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
+    """Folds a block of capped logits ``z`` [n, Bv] into the running statistics ``[n, 1]``.
+
+    ``col_ok`` [1, Bv] marks the columns that belong to this block; ``cw_blk`` [1, Bv] their
+    class weights (None: all 1) and ``w_seen`` the total weight of the classes already
+    merged. Everything stays 2-D, so the same code runs inside the Pallas kernels.
+    """
+    z = jnp.where(col_ok, z, -jnp.inf)
+    m_blk = jnp.max(z, axis=-1, keepdims=True)
+    m_new = jnp.maximum(st.m, m_blk)
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    hi, lo = nx.two_sum(z, -shift)
+    e = nx.exp_compensated(hi, lo)
+    at_max = hi == 0
+    count = jnp.sum(at_max.astype(z.dtype), axis=-1, keepdims=True)
+    # Entries at the maximum contribute exactly 1 each; e - 1 there keeps `rest` free of it.
+    blk_rest = jnp.sum(jnp.where(at_max, e - 1, e), axis=-1, keepdims=True)
+    up = m_blk > st.m
+    alpha = jnp.exp(st.m - shift)  # 0 while nothing has been seen (m = -inf)
+    base = jnp.where(up, (1 + st.rest + st.rest_c) * alpha + (count - 1), st.rest)
+    add = jnp.where(up, blk_rest, count + blk_rest)
+    rest, err = nx.two_sum(base, add)
+    rest_c = jnp.where(up, 0.0, st.rest_c) + err
+    d = st.d
+    if smoothing:
+        # Re-anchor the classes seen so far at the new maximum, then add this block's.
+        moved = jnp.where(jnp.isfinite(st.m), (m_new - st.m) * w_seen, 0.0)
+        w = _block_weights(col_ok, cw_blk, z.dtype)
+        d = d + moved + jnp.sum(jnp.where(w == 0, 0.0, w * -(hi + lo)), axis=-1, keepdims=True)
+    return Stats(m_new, rest, rest_c, d)
+
+
+def _block_weights(col_ok, cw_blk, dtype):
+    """Class weights of a block (1 without ``weight``), 0 on columns outside it."""
+    ones = jnp.ones(col_ok.shape, dtype)
+    return jnp.where(col_ok, ones if cw_blk is None else cw_blk.astype(dtype), 0)
+
+
+def _block_start(i, bv, num_classes):
+    """Start of block ``i`` in memory and a mask of the columns that belong to it."""
+    start = i * bv
+    s = jnp.minimum(start, num_classes - bv)
+    cols = s + lax.iota(jnp.int32, bv)
+    return s, cols, cols >= start
+
+
+def _varying_axes(a) -> set:
+    """The manual mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
+    t = jax.typeof(a)
+    vma = getattr(t, "vma", None)  # jax <= 0.9
+    if vma is None:
+        vma = getattr(getattr(t, "manual_axis_type", None), "varying", None)
+    return set(vma or ())
+
+
+def _tracks_varying_axes(a) -> bool:
+    """Whether this JAX records the mesh axes a value varies over (see ``_varying_axes``)."""
+    t = jax.typeof(a)
+    return hasattr(t, "vma") or hasattr(t, "manual_axis_type")
+
+
+def match_vma(tree, *like):
+    """``tree`` marked as varying over every mesh axis that any of ``like`` varies over.
+
+    Inside ``shard_map`` a loop carry must have the type of the loop body's results, which
+    vary wherever ``x`` or ``w`` do (data and vocabulary axes); fresh zeros do not.
+    Outside ``shard_map`` this is the identity.
+    """
+    axes = set()
+    for a in jax.tree.leaves(like):
+        axes |= _varying_axes(a)
+    if not axes:
+        return tree
+
+    def one(a):
+        missing = tuple(sorted(axes - _varying_axes(a), key=str))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(one, tree)
+
+
+def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool):
+    """Per-row :class:`Stats` of ``softcap(x @ w.T)`` over all of ``w``'s rows.
+
+    Args:
+      x: ``[N, D]``; w: ``[V, D]`` of the same dtype; class_weight: ``[V]`` or None.
+      block_v: the vocabulary block ``Bv``; smoothing: whether to accumulate ``d``.
+    """
+    n = x.shape[0]
+    v = w.shape[0]
+    dtype = nx.compute_dtype(x.dtype)
+    bv = min(block_v, v)
+    nb = -(-v // bv)
+
+    def body(i, carry):
+        st, w_seen, x, w_c = carry
+        x, w_c = _opaque((x, w_c))
+        s, cols, col_ok = _block_start(i, bv, v)
+        w_blk = _rows(w_c, s, bv)
+        cw_blk = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, s, bv)
+        _, z = block_logits(x, w_blk, cap, dtype)
+        st = merge_block(st, z, col_ok, cw_blk, w_seen, smoothing)
+        return st, w_seen + jnp.sum(_block_weights(col_ok, cw_blk, dtype)), x, w_c
+
+    init = (init_stats(n, dtype), jnp.zeros((), dtype), x, w)
+    st, _, _, _ = lax.fori_loop(0, nb, body, match_vma(init, x, w, class_weight))
+    return Stats(*(a[:, 0] for a in st))
+
+
+def target_logits(x, w, labels, cap):
+    """``softcap(x_i . w[y_i])`` [N] by a direct dot product with the gathered rows (no one-hot).
+
+    Labels outside ``[0, V)`` read a clamped row: the callers mask or NaN those rows.
+    """
+    dtype = nx.compute_dtype(x.dtype)
+    w_y = w[jnp.clip(labels, 0, w.shape[0] - 1)]
+    raw = jnp.einsum("nd,nd->n", x, w_y, preferred_element_type=dtype)
+    return _losses.softcap(raw, cap)
+
+
+def backward(
+    x,
+    w,
+    labels,
+    row_ok,
+    coefs,
+    shift,
+    log_norm,
+    class_weight,
+    cap,
+    *,
+    block_v: int,
+    block_n: int | None = None,
+):
+    """``dx`` (float32 partial sum over this ``w``) and ``dw`` (``w.dtype``) of the loss.
+
+    ``labels`` index ``w``'s rows (callers shift them by the shard offset); ``coefs`` are
+    :class:`softjax._losses.GradCoefs` already multiplied by the upstream cotangent;
+    ``shift``/``log_norm`` give ``lse = shift + log_norm`` per row.
+
+    The outer loop runs over vocabulary blocks, the inner one over token blocks of
+    ``block_n`` rows: each ``dw`` block is accumulated over all tokens in float32 and cast
+    once, ``dx`` is accumulated over the vocabulary in float32, and nothing but ``dx``
+    itself has a size of the order of ``N x D``.
+    """
+    n, dim = x.shape
+    v = w.shape[0]
+    dtype = nx.compute_dtype(x.dtype)
+    bv = min(block_v, v)
+    bn = min(block_n or default_block_n(n), n)
+    nb, nt = -(-v // bv), -(-n // bn)
+    rows = (labels, row_ok, coefs, shift, log_norm)
+
+    def token_body(j, carry, s, cols, col_ok, w_blk, cw_blk):
+        dx, dw_blk, x = carry
+        x = _opaque(x)
+        r, _, r_ok = _block_start(j, bn, n)
+        x_blk = lax.dynamic_slice_in_dim(x, r, bn, 0)
+        lab, ok, cf, sh, ln = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, r, bn, 0), rows)
+        raw, z = block_logits(x_blk, w_blk, cap, dtype)
+        p = _losses.probs(z, _losses.RowStats(sh[:, None], ln[:, None]))
+        dz = _losses.logit_grads(p, cols[None, :] == lab[:, None], cf, cw_blk)
+        dz = _losses.softcap_grad(raw, cap, dz)
+        # Excluded rows, and rows of the previous token block, contribute exactly zero.
+        dz = jnp.where((ok & r_ok)[:, None], dz, 0.0)
+        # The last vocabulary block may overlap the previous one: its dw rows there are
+        # recomputed identically and overwritten (reading them back would cost a copy of
+        # dw), but those columns must not reach dx twice.
+        dz_x = jnp.where(col_ok[None, :], dz, 0.0).astype(x.dtype)
+        dx_blk = lax.dynamic_slice_in_dim(dx, r, bn, 0) + lax.dot_general(
+            dz_x, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=dtype
+        )
+        dw_blk = dw_blk + lax.dot_general(
+            dz.astype(x.dtype), x_blk, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+        )
+        return lax.dynamic_update_slice_in_dim(dx, dx_blk, r, 0), dw_blk, x
+
+    def body(i, carry):
+        dx, dw, x, w_c = carry
+        w_c = _opaque(w_c)
+        s, cols, col_ok = _block_start(i, bv, v)
+        w_blk = _rows(w_c, s, bv)
+        cw_blk = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, s, bv)
+        inner = functools.partial(
+            token_body, s=s, cols=cols, col_ok=col_ok, w_blk=w_blk, cw_blk=cw_blk
+        )
+        dw_blk = match_vma(jnp.zeros((bv, dim), dtype), w_blk, x, coefs)
+        dx, dw_blk, x = lax.fori_loop(0, nt, inner, (dx, dw_blk, x))
+        return dx, lax.dynamic_update_slice_in_dim(dw, dw_blk.astype(w.dtype), s, 0), x, w_c
+
+    init = (jnp.zeros((n, dim), dtype), jnp.zeros_like(w), x, w)
+    dx, dw, _, _ = lax.fori_loop(0, nb, body, match_vma(init, x, w, class_weight, coefs))
+    return dx, dw
+
+
+def _rows(w, start, size: int):
+    """``w[start:start + size]``."""
+    return lax.dynamic_slice_in_dim(w, start, size, 0)
+
+
+def _opaque(operands):
+    """``operands`` themselves, but not provably loop-invariant (threaded through the carry).
+
+    XLA's CPU backend has no bfloat16 dynamic-slice or matmul: it converts the operands to
+    float32, and loop-invariant code motion would hoist ``convert(w)`` and ``convert(x)`` out
+    of the vocabulary loop, float32 copies of all of ``w`` and ``x``. Behind the barrier the
+    conversion stays per block (fused into the slice). It costs nothing at run time.
+    """
+    return lax.optimization_barrier(operands)
+
+
+# ---------------------------------------------------------------------------------------
+# Single pass (float32 weights, scalar reductions): loss and gradients together
+
+
+def default_single_pass_block(num_rows: int, num_classes: int) -> int:
+    """Tokens per chunk of the single pass: ``[Bn, V]`` float32 logits within the budget."""
+    b = max(8, BLOCK_ELEMENTS // max(num_classes, 1))
+    return max(1, min(num_rows, b))
+
+
+def single_pass(x, w, labels, row_ok, terms, class_weight, cap, *, block_n: int):
+    """Per-row losses ``[N]``, ``dx`` ``[N, D]`` and ``dw`` ``[V, D]`` (float32) for ``g = 1``.
+
+    Token chunks of ``Bn`` rows see the whole vocabulary at once (``[Bn, V]`` logits, with
+    ``Bn`` chosen so that this stays within a fixed budget: flat in ``V``), so the row maths
+    is exactly that of :func:`softjax.cross_entropy` (``row_stats``, ``row_losses``,
+    ``row_loss_grads``) and each logit is computed once: three matmuls in all, as the
+    materialising path, instead of four. ``dw`` accumulates across chunks in the carry,
+    which is why this path serves float32 (and float64) weights only: for them the float32
+    accumulator is the gradient itself.
+    """
+    n, dim = x.shape
+    v = w.shape[0]
+    dtype = nx.compute_dtype(x.dtype)
+    bn = min(block_n, n)
+    nt = -(-n // bn)
+    rows = (labels, row_ok, terms)
+
+    def body(j, carry):
+        loss, dx, dw, x, w = carry
+        x, w = _opaque((x, w))
+        r, _, r_ok = _block_start(j, bn, n)
+        x_blk = lax.dynamic_slice_in_dim(x, r, bn, 0)
+        lab, ok, tm = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, r, bn, 0), rows)
+        # Rows of the previous chunk (ragged last chunk) are recomputed but contribute nothing.
+        tm = jax.tree.map(lambda c: jnp.where(r_ok, c, 0.0), tm)
+        raw, z = block_logits(x_blk, w, cap, dtype)
+        stats = _losses.row_stats(z)
+        blk_loss = _losses.row_losses(z, lab, tm, class_weight, stats)
+        g = jnp.ones((bn,), dtype)
+        dz = _losses.row_loss_grads(z, lab, tm, class_weight, stats, g)
+        dz = _losses.softcap_grad(raw, cap, dz)
+        dz = jnp.where((ok & r_ok)[:, None], dz, 0.0).astype(x.dtype)
+        old = lax.dynamic_slice_in_dim(loss, r, bn, 0)
+        loss = lax.dynamic_update_slice_in_dim(loss, jnp.where(r_ok, blk_loss, old), r, 0)
+        dx_blk = lax.dot_general(dz, w, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+        dx_old = lax.dynamic_slice_in_dim(dx, r, bn, 0)
+        dx = lax.dynamic_update_slice_in_dim(dx, jnp.where(r_ok[:, None], dx_blk, dx_old), r, 0)
+        dw = dw + lax.dot_general(dz, x_blk, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
+        return loss, dx, dw, x, w
+
+    init = (jnp.zeros((n,), dtype), jnp.zeros((n, dim), dtype), jnp.zeros((v, dim), dtype), x, w)
+    loss, dx, dw, _, _ = lax.fori_loop(0, nt, body, init)
+    return loss, dx, dw

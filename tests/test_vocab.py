@@ -1,0 +1,480 @@
+"""linear_cross_entropy: parity with the materialising oracle and a float64 NumPy reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tol
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import softjax
+from softjax._vocab import xla
+from softjax._vocab.reference import linear_cross_entropy_reference
+
+F32, BF16, F64 = jnp.float32, jnp.bfloat16, jnp.float64
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of at most 512 classes and ~10 tokens: small problems span several ragged ones."""
+    monkeypatch.setattr(xla, "MAX_BLOCK_V", 512)
+    monkeypatch.setattr(xla, "MIN_BLOCK_V", 8)
+    monkeypatch.setattr(xla, "BLOCK_N", 10)
+    monkeypatch.setattr(xla, "BLOCK_ELEMENTS", 10_000)  # single pass: 10 tokens at V=1000
+
+
+def make(n, d, v, dtype=F32, seed=0, scale=1.0):
+    kx, kw, ky = jax.random.split(jax.random.key(seed), 3)
+    x = (jax.random.normal(kx, (n, d), F64) * scale).astype(dtype)
+    w = (jax.random.normal(kw, (v, d), F64) / np.sqrt(d) * 3).astype(dtype)
+    y = jax.random.randint(ky, (n,), 0, v)
+    return x, w, y
+
+
+def np_loss(x, w, y, *, valid=None, weight=None, smoothing=0.0, z_loss=0.0, cap=None):
+    """float64 NumPy per-row losses of PyTorch's CrossEntropyLoss on x @ w.T (+ z-loss, cap)."""
+    z = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    if cap is not None:
+        z = cap * np.tanh(z / cap)
+    v = z.shape[-1]
+    cw = np.ones(v) if weight is None else np.asarray(weight, np.float64)
+    m = z.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[:, 0]
+    nlp = lse[:, None] - z
+    y = np.asarray(y)
+    wy = cw[y]
+    loss = (1 - smoothing) * wy * nlp[np.arange(len(y)), y]
+    loss += smoothing / v * (nlp * cw).sum(-1) + z_loss * wy * lse**2
+    valid = np.ones(len(y), bool) if valid is None else np.asarray(valid)
+    return np.where(valid, loss, 0.0), np.where(valid, wy, 0.0)
+
+
+def assert_close(a, b, rtol, atol_scale=None):
+    """allclose with an absolute floor of ``rtol * max|b|`` (gradients cross zero)."""
+    a = np.asarray(jnp.asarray(a).astype(F64) if jnp.asarray(a).dtype == BF16 else a, np.float64)
+    b = np.asarray(b, np.float64)
+    atol = rtol * np.max(np.abs(b)) * (1 if atol_scale is None else atol_scale)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.1},
+    "weight": {"weight": "w"},
+    "weight_smoothing": {"weight": "w", "label_smoothing": 0.3},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"logit_softcap": 3.0},
+    "all": {"weight": "w", "label_smoothing": 0.2, "z_loss": 1e-3, "logit_softcap": 4.0},
+}
+
+
+def _options(name, v, seed=1):
+    kw = dict(OPTIONS[name])
+    if kw.get("weight") == "w":
+        kw["weight"] = jax.random.uniform(jax.random.key(seed), (v,), F64, 0.2, 2.0)
+    return kw
+
+
+def _np_kwargs(kw):
+    return dict(
+        weight=kw.get("weight"),
+        smoothing=kw.get("label_smoothing", 0.0),
+        z_loss=kw.get("z_loss", 0.0),
+        cap=kw.get("logit_softcap"),
+    )
+
+
+# Every option under an arbitrary cotangent ("none"); the other reductions with all options
+# at once by default, one by one in the slow run.
+CASES = [(name, "none") for name in OPTIONS] + [("all", "mean"), ("all", "sum")]
+CASES += [pytest.param(name, "mean", marks=pytest.mark.slow) for name in OPTIONS if name != "all"]
+
+
+@pytest.mark.parametrize("name,reduction", CASES)
+def test_value_and_grads_match_oracle(small_blocks, name, reduction):
+    n, d, v = 24, 16, 1000  # 2 blocks of 512, the second one ragged
+    x, w, y = make(n, d, v)
+    y = y.at[3].set(-100).at[7].set(v - 1).at[8].set(0)
+    valid = jnp.arange(n) % 5 != 4
+    kw = _options(name, v)
+    kw32 = {k: (a.astype(F32) if k == "weight" else a) for k, a in kw.items()}
+    g_out = jax.random.normal(jax.random.key(9), (n,), F64)
+
+    def run(fn, x, w, **extra):
+        def f(x, w):
+            out = fn(x, w, y, where=valid, ignore_index=-100, reduction=reduction, **extra)
+            return jnp.sum(out * g_out.astype(out.dtype)) if reduction == "none" else out
+
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
+
+    out, (dx, dw) = run(softjax.linear_cross_entropy, x, w, **kw32)
+    ref, (rdx, rdw) = run(linear_cross_entropy_reference, x.astype(F64), w.astype(F64), **kw)
+    assert out.dtype == F32 and dx.dtype == F32 and dw.dtype == F32
+    rows, wy = np_loss(x, w, y, valid=valid & (y != -100), **_np_kwargs(kw))
+    expect = {"mean": rows.sum() / wy.sum(), "sum": rows.sum(), "none": rows @ g_out}[reduction]
+    np.testing.assert_allclose(float(ref), expect, rtol=1e-12)
+    np.testing.assert_allclose(float(out), expect, rtol=4 * tol(F32))
+    # The f32 matmul of D terms perturbs each logit by ~D/2 ulps; gradients inherit that.
+    assert_close(dx, rdx, 10 * tol(F32))
+    assert_close(dw, rdw, 10 * tol(F32))
+
+
+@pytest.mark.parametrize(
+    "v,block",
+    [(5000, 512), pytest.param(50257, 4096, marks=pytest.mark.slow), (7, 4096), (513, 512)],
+)
+def test_ragged_vocabularies(monkeypatch, v, block):
+    monkeypatch.setattr(xla, "MAX_BLOCK_V", block)
+    n, d = 6, 8
+    x, w, y = make(n, d, v, seed=v)
+    y = y.at[0].set(v - 1).at[1].set(0).at[2].set(v - block // 3 if v > block else 1)
+    g = jax.random.normal(jax.random.key(v), (n,), F64)
+
+    def run(fn, x, w):
+        # "none" with an arbitrary cotangent: the streaming (blocked) path.
+        out = lambda x, w: fn(x, w, y, label_smoothing=0.1, reduction="none")  # noqa: E731
+        f = lambda x, w: jnp.sum(out(x, w) * g.astype(out(x, w).dtype))  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
+
+    out, (dx, dw) = run(softjax.linear_cross_entropy, x, w)
+    ref, (rdx, rdw) = run(linear_cross_entropy_reference, x.astype(F64), w.astype(F64))
+    np.testing.assert_allclose(out, ref, rtol=4 * tol(F32), atol=4 * tol(F32))
+    assert_close(dx, rdx, 10 * tol(F32))
+    assert_close(dw, rdw, 10 * tol(F32))
+
+
+def test_float64_is_exact(small_blocks):
+    x, w, y = make(16, 8, 700, F64)
+    kw = _options("all", 700)
+    out, grads = jax.jit(
+        jax.value_and_grad(lambda x, w: softjax.linear_cross_entropy(x, w, y, **kw), (0, 1))
+    )(x, w)
+    ref, rgrads = jax.jit(
+        jax.value_and_grad(lambda x, w: linear_cross_entropy_reference(x, w, y, **kw), (0, 1))
+    )(x, w)
+    assert out.dtype == F64
+    np.testing.assert_allclose(out, ref, rtol=tol(F64))
+    for a, b in zip(grads, rgrads, strict=True):
+        assert_close(a, b, 10 * tol(F64))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bfloat16_operands(small_blocks, reduction):
+    x, w, y = make(32, 64, 1500, BF16)
+    g = jax.random.normal(jax.random.key(3), (32,), F32)
+
+    def run(fn, x, w):
+        def f(x, w):
+            out = fn(x, w, y, label_smoothing=0.1, reduction=reduction)
+            return jnp.sum(out * g.astype(out.dtype)) if reduction == "none" else out
+
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
+
+    out, (dx, dw) = run(softjax.linear_cross_entropy, x, w)
+    # The oracle sees the same bf16 values, exactly, in float64.
+    ref, (rdx, rdw) = run(linear_cross_entropy_reference, x.astype(F64), w.astype(F64))
+    assert out.dtype == F32 and dx.dtype == BF16 and dw.dtype == BF16
+    # bf16 x bf16 products are exact in float32: the loss is float32-accurate.
+    np.testing.assert_allclose(out, ref, rtol=20 * tol(F32))
+    # Gradients: the bf16 rounding of the result, plus dz rounded to bf16 in the matmuls.
+    assert_close(dx, rdx, 2 * tol(BF16))
+    assert_close(dw, rdw, 2 * tol(BF16))
+
+
+def test_batch_dims_and_where_broadcast():
+    x, w, y = make(12, 8, 300)
+    x3, y3 = x.reshape(3, 4, 8), y.reshape(3, 4)
+    where = jnp.array([True, False, True, True])  # broadcast over the batch
+    out = softjax.linear_cross_entropy(x3, w, y3, where=where, reduction="none")
+    assert out.shape == (3, 4)
+    rows, _ = np_loss(x, w, y, valid=np.tile(np.asarray(where), 3))
+    np.testing.assert_allclose(out.reshape(-1), rows, rtol=4 * tol(F32))
+
+
+def test_out_of_range_label_is_nan_in_its_row_only():
+    x, w, y = make(5, 8, 50)
+    y = y.at[2].set(50)
+    out = jax.jit(functools.partial(softjax.linear_cross_entropy, reduction="none"))(x, w, y)
+    assert np.isnan(out[2]) and np.all(np.isfinite(np.delete(np.asarray(out), 2)))
+    assert np.isnan(softjax.linear_cross_entropy(x, w, y))
+
+
+def test_all_ignored_gives_zero_loss_and_gradients():
+    x, w, _ = make(5, 8, 50)
+    y = jnp.full((5,), -100)
+    f = lambda x, w: softjax.linear_cross_entropy(x, w, y, ignore_index=-100, z_loss=1e-3)  # noqa: E731
+    out, (dx, dw) = jax.value_and_grad(f, (0, 1))(x, w)
+    np.testing.assert_array_equal(out, 0.0)
+    np.testing.assert_array_equal(dx, 0.0)
+    np.testing.assert_array_equal(dw, 0.0)
+
+
+def test_confident_row_keeps_its_tiny_loss(small_blocks):
+    # One class dominates by ~25 nats: the loss is ~1e-11, far below one ulp of lse.
+    d, v = 4, 600
+    w = jnp.zeros((v, d), F32).at[555, 0].set(1.0)
+    x = jnp.array([[25.0, 0, 0, 0]], F32)
+    out = softjax.linear_cross_entropy(x, w, jnp.array([555]))
+    expect = np.log1p((v - 1) * np.exp(-25.0))
+    np.testing.assert_allclose(out, expect, rtol=tol(F32))
+
+
+def test_jit_and_vmap():
+    x, w, y = make(12, 8, 300)
+    f = jax.jit(lambda x, y: softjax.linear_cross_entropy(x, w, y, reduction="sum"))
+    batched = jax.vmap(f)(x.reshape(3, 4, 8), y.reshape(3, 4))
+    np.testing.assert_allclose(
+        batched, [f(x[i : i + 4], y[i : i + 4]) for i in (0, 4, 8)], rtol=tol(F32)
+    )
+
+
+def test_errors():
+    x, w, y = make(4, 8, 10)
+    lce = softjax.linear_cross_entropy
+    with pytest.raises(ValueError, match=r"w has shape \(10, 7\) but x \(4, 8\)"):
+        lce(x, w[:, :7], y)
+    with pytest.raises(ValueError, match=r"w must have shape \(V, D\)"):
+        lce(x, w[None], y)
+    with pytest.raises(ValueError, match=r"labels has shape \(3,\)"):
+        lce(x, w, y[:3])
+    with pytest.raises(ValueError, match="labels has floating dtype"):
+        lce(x, w, y.astype(F32))
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        lce(jnp.ones((4, 8), jnp.int32), w, y)
+    with pytest.raises(ValueError, match=r"weight must have shape \(10,\)"):
+        lce(x, w, y, weight=jnp.ones(9))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        lce(x, w, y, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        lce(x, w, y, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        lce(x, w, y, implementation="triton")
+    with pytest.raises(ValueError, match=r"where has shape \(3,\)"):
+        lce(x, w, y, where=jnp.ones(3, bool))
+
+
+# ---------------------------------------------------------------------------------------
+# Memory: compiled temp size of value_and_grad (exact, compiles without running)
+
+
+def _temp_mib(fn, n, d, v, dtype=BF16):
+    args = (
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((v, d), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    compiled = jax.jit(jax.value_and_grad(fn, (0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def _naive(x, w, y):
+    import optax
+
+    logits = (x @ w.T).astype(F32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def test_memory_is_flat_in_vocabulary_and_far_below_naive():
+    n, d = 8192, 2048
+    fused = lambda x, w, y: softjax.linear_cross_entropy(x, w, y, implementation="xla")  # noqa: E731
+    at_64k = _temp_mib(fused, n, d, 65536)
+    at_128k = _temp_mib(fused, n, d, 131072)
+    naive = _temp_mib(_naive, n, d, 131072)
+    assert naive >= 9216  # the 4 GiB float32 logits, their gradient and the bf16 copies
+    assert at_128k <= 0.02 * naive, (at_128k, naive)
+    assert at_128k <= 1.10 * at_64k, (at_64k, at_128k)
+
+
+# ---------------------------------------------------------------------------------------
+# Vocab-parallel: w sharded along V over a mesh axis inside shard_map
+
+
+def _sharded_case(v=1000, n=16, d=8):
+    x, w, y = make(n, d, v, seed=5)
+    y = y.at[1].set(-100).at[2].set(v - 1).at[3].set(0)
+    weight = jax.random.uniform(jax.random.key(6), (v,), F32, 0.5, 2.0)
+    kw = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0)
+    return x, w, y, weight, kw
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_vocab_parallel_matches_unsharded(monkeypatch, with_weight):
+    monkeypatch.setattr(xla, "MAX_BLOCK_V", 48)  # 125 classes a device: 3 blocks, ragged
+    monkeypatch.setattr(xla, "MIN_BLOCK_V", 8)
+    x, w, y, weight, kw = _sharded_case()
+    weight = weight if with_weight else None
+    mesh = Mesh(np.array(jax.devices()[:8]), ("model",))
+
+    def local(x, w, y, weight):
+        return softjax.linear_cross_entropy(x, w, y, weight=weight, vocab_axis_name="model", **kw)
+
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P("model"), P(), P("model")), out_specs=P()
+    )
+    out, grads = jax.jit(jax.value_and_grad(sharded, (0, 1)))(x, w, y, weight)
+    ref, rgrads = jax.jit(
+        jax.value_and_grad(
+            lambda x, w: softjax.linear_cross_entropy(x, w, y, weight=weight, **kw), (0, 1)
+        )
+    )(x, w)
+    np.testing.assert_allclose(out, ref, rtol=4 * tol(F32))
+    for a, b in zip(grads, rgrads, strict=True):
+        assert_close(a, b, 4 * tol(F32))
+
+
+@pytest.mark.parametrize("check_vma,spec", [(False, P("model")), (True, P())])
+def test_vocab_parallel_refuses_untyped_or_replicated_w(check_vma, spec):
+    x, w, y, _, _ = _sharded_case()
+    mesh = Mesh(np.array(jax.devices()[:8]), ("model",))
+    local = lambda x, w: softjax.linear_cross_entropy(x, w, y, vocab_axis_name="model")  # noqa: E731
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=P(), check_vma=check_vma)
+    with pytest.raises(ValueError, match="check_vma=True"):
+        f(x, w)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_vocab_parallel_with_data_axis(monkeypatch, reduction):
+    monkeypatch.setattr(xla, "MAX_BLOCK_V", 100)  # 250 classes a device
+    monkeypatch.setattr(xla, "MIN_BLOCK_V", 8)
+    x, w, y, _, kw = _sharded_case()
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    g = jax.random.normal(jax.random.key(4), (x.shape[0],), F32)
+
+    def local(x, w, y):
+        out = softjax.linear_cross_entropy(
+            x, w, y, reduction=reduction, vocab_axis_name="model", **kw
+        )
+        return jax.lax.psum(out, "data") if reduction == "sum" else out
+
+    out_spec = P() if reduction == "sum" else P("data")
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(P("data"), P("model"), P("data")), out_specs=out_spec
+    )
+
+    def scalar(fn):
+        return lambda x, w: jnp.sum(fn(x, w) * (g if reduction == "none" else 1.0))
+
+    out, grads = jax.jit(jax.value_and_grad(scalar(lambda x, w: sharded(x, w, y)), (0, 1)))(x, w)
+    plain = lambda x, w: softjax.linear_cross_entropy(x, w, y, reduction=reduction, **kw)  # noqa: E731
+    ref, rgrads = jax.jit(jax.value_and_grad(scalar(plain), (0, 1)))(x, w)
+    np.testing.assert_allclose(out, ref, rtol=4 * tol(F32))
+    for a, b in zip(grads, rgrads, strict=True):
+        assert_close(a, b, 4 * tol(F32))
+    rows = jax.jit(sharded)(x, w, y)
+    expect = plain(x, w)
+    np.testing.assert_allclose(rows, expect, rtol=4 * tol(F32))
+
+
+# ---------------------------------------------------------------------------------------
+# Pallas kernels: interpret mode on CPU against the xla path, lowering for real targets
+
+
+@pytest.fixture
+def pallas_blocks(monkeypatch):
+    from softjax._vocab import pallas
+
+    monkeypatch.setattr(pallas, "DEFAULT_BLOCKS", pallas.BlockSizes(16, 128))
+    return pallas
+
+
+PALLAS_CASES = [pytest.param("plain", marks=pytest.mark.slow), "all"]
+
+
+@pytest.mark.parametrize("name", PALLAS_CASES)
+def test_pallas_interpret_matches_xla(pallas_blocks, name):
+    n, d, v = 37, 16, 300  # ragged in both tokens (16) and classes (128)
+    x, w, y = make(n, d, v, seed=11)
+    y = y.at[0].set(-100).at[1].set(v - 1)
+    kw = {k: (a.astype(F32) if k == "weight" else a) for k, a in _options(name, v).items()}
+    g = jax.random.normal(jax.random.key(2), (n,), F32)
+
+    def run(impl):
+        def f(x, w):
+            out = softjax.linear_cross_entropy(
+                x, w, y, ignore_index=-100, reduction="none", implementation=impl, **kw
+            )
+            return jnp.sum(out * g)
+
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
+
+    out, (dx, dw) = run("pallas")
+    ref, (rdx, rdw) = run("xla")
+    np.testing.assert_allclose(out, ref, rtol=4 * tol(F32))
+    assert_close(dx, rdx, 4 * tol(F32))
+    assert_close(dw, rdw, 4 * tol(F32))
+
+
+def test_pallas_interpret_bfloat16(pallas_blocks):
+    x, w, y = make(24, 32, 260, BF16, seed=12)
+
+    def run(impl):
+        f = lambda x, w: softjax.linear_cross_entropy(x, w, y, implementation=impl)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
+
+    out, (dx, dw) = run("pallas")
+    ref, (rdx, rdw) = run("xla")
+    assert dx.dtype == BF16 and dw.dtype == BF16
+    np.testing.assert_allclose(out, ref, rtol=4 * tol(F32))
+    assert_close(dx, rdx, tol(BF16))
+    assert_close(dw, rdw, tol(BF16))
+
+
+def _export_text(platform, n=512, d=256, v=5000):
+    from softjax._vocab import pallas
+
+    args = (
+        jax.ShapeDtypeStruct((n, d), BF16),
+        jax.ShapeDtypeStruct((v, d), BF16),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+
+    def f(x, w, y):
+        return softjax.linear_cross_entropy(
+            x, w, y, implementation="pallas", label_smoothing=0.1, logit_softcap=30.0
+        )
+
+    # Triton kernels are custom calls without a serialisation-compatibility guarantee.
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with pallas.target_platform(platform):
+        exported = jax.export.export(
+            jax.jit(jax.value_and_grad(f, (0, 1))),
+            platforms=[platform],
+            disabled_checks=checks if platform == "cuda" else (),
+        )(*args)
+    return exported.mlir_module()
+
+
+def test_pallas_lowers_for_tpu():
+    text = _export_text("tpu")
+    for name in ("softjax_lce_fwd", "softjax_lce_dx", "softjax_lce_dw"):
+        assert name in text, name
+    assert "tpu_custom_call" in text
+
+
+def test_pallas_lowers_for_cuda():
+    text = _export_text("cuda")
+    for name in ("softjax_lce_fwd", "softjax_lce_dx", "softjax_lce_dw"):
+        assert f'name = "{name}"' in text, name
+    assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("name", PALLAS_CASES)
+def test_pallas_gpu_kernels_interpret_match_xla(pallas_blocks, monkeypatch, name):
+    monkeypatch.setattr(pallas_blocks, "CPU_DRIVER", "gpu")
+    test_pallas_interpret_matches_xla(pallas_blocks, name)
+
+
+def test_pallas_on_unserved_platform_names_what_is_missing():
+    from softjax._vocab import pallas
+
+    with pytest.raises(NotImplementedError, match="rocm"):
+        pallas.check_supported(256, 5000, F32, platform="rocm")
+    with pytest.raises(NotImplementedError, match="float64"):
+        pallas.check_supported(256, 5000, F64, platform="tpu")
+    with pytest.raises(NotImplementedError, match="power of two"):
+        pallas.check_supported(96, 5000, F32, platform="cuda")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pallas.BlockSizes(12, 128)
