@@ -13,6 +13,7 @@ vocabulary-scale loss (``softjax._vocab``) reuses block by block rather than re-
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -111,12 +112,18 @@ def label_terms(labels, valid, label_weight, num_classes: int, opts: Options) ->
     return LabelTerms(nll, smooth, zl)
 
 
-def row_losses(z, labels, terms: LabelTerms, class_weight, stats: RowStats):
-    """Integer-label per-row losses from capped logits ``z`` [..., C] (compute dtype)."""
+def row_losses(z, labels, terms: LabelTerms, class_weight, stats: RowStats, smoothing=True):
+    """Integer-label per-row losses from capped logits ``z`` [..., C] (compute dtype).
+
+    ``smoothing=False`` (static: label smoothing known to be 0) skips the pass over all
+    classes that only the smoothing term needs.
+    """
     z_y = jnp.take_along_axis(z, _safe_index(labels, z.shape[-1])[..., None], axis=-1)
     n_y = neg_log_probs(z_y, stats)[..., 0]  # from the target logit alone: no [..., C] pass
-    n = neg_log_probs(z, stats)
-    smooth = jnp.sum(n if class_weight is None else n * class_weight, axis=-1)
+    smooth = jnp.zeros_like(n_y)
+    if smoothing:
+        n = neg_log_probs(z, stats)
+        smooth = jnp.sum(n if class_weight is None else n * class_weight, axis=-1)
     return combine_row_terms(terms, n_y, smooth, stats.lse[..., 0])
 
 
@@ -185,23 +192,23 @@ def _safe_index(labels, num_classes):
 # Integer labels
 
 
-@jax.custom_vjp
-def _int_label_losses(logits, labels, valid, class_weight, opts: Options):
-    return _int_label_fwd(logits, labels, valid, class_weight, opts)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _int_label_losses(logits, labels, valid, class_weight, opts: Options, smoothing: bool):
+    return _int_label_fwd(logits, labels, valid, class_weight, opts, smoothing)[0]
 
 
-def _int_label_fwd(logits, labels, valid, class_weight, opts):
+def _int_label_fwd(logits, labels, valid, class_weight, opts, smoothing):
     z = softcap(nx.upcast(logits), opts.softcap)
     stats = row_stats(z)
     terms = label_terms(
         labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
     )
     # Excluded rows contribute exactly 0, whatever their logits hold (NaN included).
-    out = jnp.where(valid, row_losses(z, labels, terms, class_weight, stats), 0.0)
+    out = jnp.where(valid, row_losses(z, labels, terms, class_weight, stats, smoothing), 0.0)
     return out, (logits, labels, valid, class_weight, opts, stats)
 
 
-def _int_label_bwd(res, g):
+def _int_label_bwd(smoothing, res, g):
     logits, labels, valid, class_weight, opts, stats = res
     z = softcap(nx.upcast(logits), opts.softcap)
     terms = label_terms(
@@ -401,7 +408,10 @@ def cross_entropy(
     labels_arr = check_int_labels(labels_arr, batch_shape, desc)
     if ignore_index is not None:
         valid = valid & (labels_arr != ignore_index)
-    losses = _int_label_losses(logits, labels_arr, valid, class_weight, opts)
+    # A concrete zero smoothing skips the smoothing pass entirely (the common case).
+    smoothing = _checks.concrete_value(label_smoothing)
+    smoothing = smoothing is None or bool(np.any(smoothing != 0))
+    losses = _int_label_losses(logits, labels_arr, valid, class_weight, opts, smoothing)
     label_weight = _label_weight(class_weight, labels_arr, dtype)
     return reduce_losses(losses, jnp.sum(jnp.where(valid, label_weight, 0.0)), reduction)
 
