@@ -12,6 +12,7 @@ import pytest
 import softjax as sj
 
 LABELS = np.array([0, 3, 7, 1])
+W_OUT = jnp.asarray(np.random.default_rng(9).standard_normal((5, 8)))  # [V, D] output layer
 
 CASES = {
     "softmax": (lambda x: sj.softmax(x, temperature=0.9), "same"),
@@ -27,6 +28,12 @@ CASES = {
     "cross_entropy_probs": (
         lambda x: sj.cross_entropy(
             x, jax.nn.softmax(2 * x.astype(jnp.promote_types(x.dtype, jnp.float32)))
+        ),
+        "loss",
+    ),
+    "linear_cross_entropy": (
+        lambda x: sj.linear_cross_entropy(
+            x, W_OUT.astype(x.dtype), LABELS[: x.shape[0]] % 5, label_smoothing=0.1
         ),
         "loss",
     ),
