@@ -203,7 +203,10 @@ def _log_normalizer(z, shift, lo, axes):
     e = e + e * (err - c_lo)
     not_max = jnp.minimum(1.0, (z + (-shift)) * -big)  # 0 at the maximum, else 1
     rest = jnp.sum(e * not_max, axis=axes, keepdims=True)
-    count = jnp.sum(jnp.maximum(0.0, (z - shift) * big + 2.0), axis=axes, keepdims=True) * 0.5
+    # exp(0) == 1 at the maximum; any other difference (>= tiny) times root**2 is below
+    # -1000, whose exp is 0.
+    root = math.sqrt(1000.0 / float(jnp.finfo(dtype).tiny))
+    count = jnp.sum(jnp.exp(((z - shift) * root) * root), axis=axes, keepdims=True)
     log_sum = jnp.log1p(rest * math.exp(-LIFT) + (count - 1))
     return jnp.where(count == 0, jnp.zeros_like(log_sum), log_sum)
 
