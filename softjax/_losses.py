@@ -153,14 +153,18 @@ def _safe_index(labels, num_classes):
 @jax.custom_vjp
 def _int_label_losses(logits, labels, valid, class_weight, opts: Options):
     z = softcap(nx.upcast(logits), opts.softcap)
-    terms = label_terms(labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts)
+    terms = label_terms(
+        labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
+    )
     return row_losses(z, labels, terms, class_weight, row_stats(z))
 
 
 def _int_label_fwd(logits, labels, valid, class_weight, opts):
     z = softcap(nx.upcast(logits), opts.softcap)
     stats = row_stats(z)
-    terms = label_terms(labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts)
+    terms = label_terms(
+        labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
+    )
     out = row_losses(z, labels, terms, class_weight, stats)
     return out, (logits, labels, valid, class_weight, opts, stats)
 
@@ -168,7 +172,9 @@ def _int_label_fwd(logits, labels, valid, class_weight, opts):
 def _int_label_bwd(res, g):
     logits, labels, valid, class_weight, opts, stats = res
     z = softcap(nx.upcast(logits), opts.softcap)
-    terms = label_terms(labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts)
+    terms = label_terms(
+        labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
+    )
     grad = row_loss_grads(z, labels, terms, class_weight, stats, g)
     grad = softcap_grad(nx.upcast(logits), opts.softcap, grad)
     # Excluded rows get exactly zero gradient, whatever their logits hold.
@@ -232,8 +238,12 @@ def _soft_label_bwd(res, g):
     n = neg_log_probs(z, stats)
     grad_labels = (1 - opts.smoothing) * w * jnp.where(valid[..., None], n, 0.0) * g[..., None]
     grad_labels = grad_labels.astype(labels.dtype)
-    return grad_logits, grad_labels, None, _zeros_or_none(class_weight), jax.tree.map(
-        jnp.zeros_like, opts
+    return (
+        grad_logits,
+        grad_labels,
+        None,
+        _zeros_or_none(class_weight),
+        jax.tree.map(jnp.zeros_like, opts),
     )
 
 
@@ -260,7 +270,9 @@ def check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
     if logit_softcap is not None:
         _checks.positive(logit_softcap, "logit_softcap")
     cast = lambda v: jnp.asarray(v, dtype)  # noqa: E731
-    return Options(cast(label_smoothing), cast(z_loss), None if logit_softcap is None else cast(logit_softcap))
+    return Options(
+        cast(label_smoothing), cast(z_loss), None if logit_softcap is None else cast(logit_softcap)
+    )
 
 
 def check_int_labels(labels, batch_shape: tuple, logits_desc: str):
@@ -273,7 +285,9 @@ def check_int_labels(labels, batch_shape: tuple, logits_desc: str):
         )
     labels = _checks.integer(labels, "labels")
     if labels.shape != batch_shape:
-        raise ValueError(f"labels has shape {labels.shape} but {logits_desc} has shape {batch_shape}")
+        raise ValueError(
+            f"labels has shape {labels.shape} but {logits_desc} has shape {batch_shape}"
+        )
     return labels
 
 
@@ -424,7 +438,9 @@ def _broadcastable(x, shape, name, dtype):
     try:
         jnp.broadcast_shapes(x.shape, shape)
     except ValueError:
-        raise ValueError(f"{name} has shape {x.shape}, which does not broadcast to {shape}") from None
+        raise ValueError(
+            f"{name} has shape {x.shape}, which does not broadcast to {shape}"
+        ) from None
     if jnp.broadcast_shapes(x.shape, shape) != tuple(shape):
         raise ValueError(f"{name} has shape {x.shape}, which does not broadcast to {shape}")
     return x.astype(dtype)

@@ -39,7 +39,9 @@ def _broadcastable(x, name: str, target: tuple, kind: str):
         raise TypeError(f"{name} must be a boolean array (True = attend), got dtype {x.dtype}")
     if kind == "float" and not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-    if x.ndim > 4 or any(d not in (1, t) for d, t in zip((1,) * (4 - x.ndim) + x.shape, target)):
+    if x.ndim > 4 or any(
+        d not in (1, t) for d, t in zip((1,) * (4 - x.ndim) + x.shape, target, strict=True)
+    ):
         raise ValueError(
             f"{name} has shape {x.shape}, which does not broadcast to [B, N, T, S] = {target}"
         )
@@ -133,8 +135,8 @@ def dot_product_attention(
     dropout_rng=None,
     return_lse: bool = False,
     implementation: Implementation | None = None,
-    block_q: int = 512,
-    block_k: int = 512,
+    block_q: int = 256,
+    block_k: int = 256,
 ):
     r"""Scaled dot-product attention, exact and memory-lean, with an online softmax.
 
