@@ -357,8 +357,9 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _pad_axis(x, axis: int, to: int, value=0):
-    if x is None or x.shape[axis] in (1, to):
+def _pad_axis(x, axis: int, to: int, value=0, broadcast: bool = False):
+    """``x`` zero-padded to length ``to`` along ``axis`` (left alone if size 1 and broadcast)."""
+    if x is None or x.shape[axis] == to or (broadcast and x.shape[axis] == 1):
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, to - x.shape[axis])
@@ -382,7 +383,7 @@ def attention(
     t_pad, s_pad = _round_up(t_len, bq), _round_up(s_len, bk)
     spec = spec._replace(s_valid=s_len if s_pad != s_len else None)
     masks = masks._replace(
-        mask=_pad_axis(_pad_axis(masks.mask, 2, t_pad, False), 4, s_pad, False),
+        mask=_pad_axis(_pad_axis(masks.mask, 2, t_pad, False, True), 4, s_pad, False, True),
         q_segment=_pad_axis(masks.q_segment, 1, t_pad),
         kv_segment=_pad_axis(masks.kv_segment, 1, s_pad),
     )
@@ -392,7 +393,7 @@ def attention(
         _pad_axis(q, 2, t_pad),
         _pad_axis(k, 2, s_pad),
         _pad_axis(v, 2, s_pad),
-        _pad_axis(_pad_axis(bias, 2, t_pad), 4, s_pad),
+        _pad_axis(_pad_axis(bias, 2, t_pad, 0, True), 4, s_pad, 0, True),
         masks,
     )
     return out[:, :, :t_len], lse[:, :, :t_len]
