@@ -32,7 +32,7 @@ def make_attention_fn(**options) -> Callable:
 
     ``options`` are keyword arguments of :func:`softjax.dot_product_attention` fixed for every
     call (``implementation``, ``logit_softcap``, ``local_window_size``, ``is_causal``,
-    ``block_q``, ``block_k``...). Flax's ``mask`` (True = attend) and ``bias`` pass through;
+    ``block_q``, ``block_k``...). Flax's ``mask`` (nonzero = attend, bool or 0/1 floats) and ``bias`` pass through;
     any number of leading batch axes is accepted. A query row whose mask is all False gives 0
     (Flax's own attention gives the average of ``value`` there).
 
@@ -81,6 +81,9 @@ def make_attention_fn(**options) -> Callable:
                 return x.reshape(flat + x.shape[len(batch) :])
             return x
 
+        if mask is not None:
+            # Flax masks are often float 0/1 (``make_attention_mask``): nonzero = attend.
+            mask = jnp.asarray(mask) != 0
         kwargs = dict(options)
         if dropout_rate > 0 and not deterministic:
             kwargs.update(dropout_rate=dropout_rate, dropout_rng=dropout_rng)

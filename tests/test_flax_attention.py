@@ -7,7 +7,8 @@ import pytest
 
 import softjax.flax
 
-flax = pytest.importorskip("flax")
+linen = pytest.importorskip("flax.linen")
+nnx = pytest.importorskip("flax.nnx")
 
 
 def _row_complete_mask(b, t, s, seed=0):
@@ -19,7 +20,7 @@ def _row_complete_mask(b, t, s, seed=0):
 
 @pytest.mark.parametrize("impl", ["xla", "chunked"])
 def test_linen_module_matches_flax_attention(impl):
-    nn = flax.linen
+    nn = linen
     x = jax.random.normal(jax.random.key(0), (2, 3, 24, 16), jnp.float32)  # two batch axes
     mask = _row_complete_mask(6, 24, 24).reshape(2, 3, 1, 24, 24)
     ours = nn.MultiHeadDotProductAttention(
@@ -38,7 +39,6 @@ def test_linen_module_matches_flax_attention(impl):
 
 
 def test_nnx_module_matches_flax_attention():
-    nnx = flax.nnx
     x = jax.random.normal(jax.random.key(2), (2, 20, 16), jnp.float32)
     mask = _row_complete_mask(2, 20, 20, seed=3)
     kw = dict(num_heads=4, in_features=16, decode=False)
