@@ -33,8 +33,8 @@ def make_attention_fn(**options) -> Callable:
     ``options`` are keyword arguments of :func:`softjax.dot_product_attention` fixed for every
     call (``implementation``, ``logit_softcap``, ``local_window_size``, ``is_causal``,
     ``block_q``, ``block_k``...). Flax's ``mask`` (nonzero = attend, bool or 0/1 floats) and
-    ``bias`` pass through; any number of leading batch axes is accepted. A query row whose mask is all False gives 0
-    (Flax's own attention gives the average of ``value`` there).
+    ``bias`` pass through; any number of leading batch axes is accepted. A query row whose
+    mask is all False gives 0 (Flax's own attention gives the average of ``value`` there).
 
     Dropout: applied when ``dropout_rate > 0`` and not ``deterministic``, element by element
     (Flax's ``broadcast_dropout=True`` shares one mask across batch and heads; softjax draws an
