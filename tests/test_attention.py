@@ -427,6 +427,16 @@ def test_jit_and_vmap(impl):
     np.testing.assert_allclose(unbatched, f(q, k, v)[0], rtol=1e-12)
 
 
+def test_unbatched_inputs_with_nts_bias_and_mask_match_jax_nn():
+    q, k, v = (x[0] for x in inputs(dtype=np.float32))
+    bias = jnp.asarray(np.random.default_rng(9).normal(size=(N, T, S)), np.float32)
+    mask = jnp.asarray(np.random.default_rng(10).random((1, T, S)) < 0.7).at[..., 0].set(True)
+    for impl in IMPLS:
+        out = attention(q, k, v, bias, mask, implementation=impl, block_q=8, block_k=16)
+        ref = jax.nn.dot_product_attention(q, k, v, bias, mask)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_grad_of_grad_and_jvp_through_xla():
     q, k, v = inputs(b=1, t=5, s=6)
     f = lambda q: jnp.sum(attention(q, k, v, is_causal=True, implementation="xla") ** 2)

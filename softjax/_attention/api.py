@@ -207,13 +207,8 @@ def dot_product_attention(
     query = _checks.floating(query, "query")
     unbatched = query.ndim == 3
     if unbatched:
+        # bias and mask ([N, T, S] or any rank <= 4) broadcast from the right as they are.
         query, key, value = (jnp.asarray(x)[None] for x in (query, key, value))
-        if bias is not None:
-            bias = jnp.asarray(bias)
-            bias = bias[None] if bias.ndim == 4 else bias
-        if mask is not None:
-            mask = jnp.asarray(mask)
-            mask = mask[None] if mask.ndim == 4 else mask
     query, key, value = _rank4(query, "query"), _rank4(key, "key"), _rank4(value, "value")
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(
