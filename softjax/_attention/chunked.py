@@ -194,7 +194,7 @@ def _forward(plan: Plan, q, k, v, bias, masks: Masks):
         lse_out = lax.dynamic_update_slice_in_dim(lse_out, lse, t0, axis=2)
         return out, lse_out
 
-    init = (jnp.zeros_like(q[..., :1].repeat(v.shape[-1], -1)), jnp.zeros(q.shape[:-1], dtype))
+    init = (jnp.zeros(q.shape[:-1] + v.shape[-1:], dtype), jnp.zeros(q.shape[:-1], dtype))
     return lax.fori_loop(0, t_len // bq, query_block, init)
 
 
