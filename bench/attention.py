@@ -193,7 +193,7 @@ def _plot(curve, path):
 
 def run(args) -> list[dict]:
     quick = args.quick
-    reps = args.reps or (2 if quick else 5)
+    reps = args.reps or (2 if quick else 3)
     rows = _headline(512 if quick else 4096, reps)
     lengths = [256, 512, 1024] if quick else [512, 1024, 2048, 4096, 8192, 16384, 32768]
     timed = [256, 512] if quick else [512, 1024, 2048]
