@@ -1,5 +1,6 @@
 """softjax: the softmax family for JAX, exact, NaN-free and memory-lean."""
 
+from ._attention import dot_product_attention as dot_product_attention
 from ._losses import binary_cross_entropy as binary_cross_entropy
 from ._losses import cross_entropy as cross_entropy
 from ._softmax import log_softmax as log_softmax
@@ -10,6 +11,7 @@ from ._vocab import linear_cross_entropy as linear_cross_entropy
 __all__ = [
     "binary_cross_entropy",
     "cross_entropy",
+    "dot_product_attention",
     "linear_cross_entropy",
     "log_softmax",
     "logsumexp",

@@ -1,0 +1,208 @@
+"""Attention: softjax's chunked online softmax beside jax.nn and torch's CPU flash kernel.
+
+Rows (B=1, N=8, H=64, float32, causal, the issue's case T=4096):
+- forward and forward+backward time: softjax "chunked" vs jax.nn.dot_product_attention and
+  vs torch.nn.functional.scaled_dot_product_attention (when torch is installed), all three
+  measured interleaved in one process;
+- compiled temp memory of forward+backward (exact, compile only) against T, up to T=32768
+  (compile only; the run at T=32768 only with --large);
+- the xla/chunked crossover at short T that sets ``implementation=None``'s choice on CPU.
+A PNG of time and memory against T goes to ``args.out``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import softjax
+
+from .harness import median_times, temp_bytes
+
+N, H = 8, 64
+
+
+def _inputs(t_len, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(k, (1, t_len, N, H), jnp.float32) for k in keys)
+
+
+def _softjax(impl):
+    return lambda q, k, v: softjax.dot_product_attention(
+        q, k, v, is_causal=True, implementation=impl
+    )
+
+
+def _jax_nn(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def _fwd_bwd(f):
+    return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2))
+
+
+def _torch_fns(q, k, v):
+    """Forward and forward+backward closures for torch's SDPA, or (None, None)."""
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    tq, tk, tv = (torch.tensor(np.asarray(x)).transpose(1, 2).contiguous() for x in (q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fwd(*_):
+        with torch.no_grad():
+            return sdpa(tq, tk, tv, is_causal=True)
+
+    leaves = [x.clone().requires_grad_() for x in (tq, tk, tv)]
+
+    def fwd_bwd(*_):
+        for x in leaves:
+            x.grad = None
+        sdpa(*leaves, is_causal=True).sum().backward()
+        return None
+
+    return fwd, fwd_bwd
+
+
+def _error(f, q, k, v, rows=256):
+    """Max abs error of ``f`` against float64 on the first ``rows`` queries (causal)."""
+    out = np.asarray(f(q, k, v))[:, :rows]
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    s = np.einsum("btnh,bsnh->bnts", q64[:, :rows], k64) / np.sqrt(H)
+    s = np.where(np.arange(k.shape[1])[None, :] <= np.arange(rows)[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), v64)
+    return float(np.max(np.abs(out - ref)))
+
+
+def _ms(t):
+    return None if t is None else 1e3 * t
+
+
+def _mib(n):
+    return None if n is None else n / 2**20
+
+
+def _headline(t_len, reps):
+    """Time, memory and error at ``t_len`` for softjax vs jax.nn and vs torch."""
+    q, k, v = _inputs(t_len)
+    spec = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    sj, nn = _softjax("chunked"), _jax_nn
+    torch_fwd, torch_fwd_bwd = _torch_fns(q, k, v)
+    rows = []
+    for what, wrap, torch_fn in (
+        ("fwd", lambda f: f, torch_fwd),
+        ("fwd+bwd", _fwd_bwd, torch_fwd_bwd),
+    ):
+        fns = [jax.jit(wrap(sj)), jax.jit(wrap(nn))] + ([torch_fn] if torch_fn else [])
+        times = median_times(fns, (q, k, v), reps=reps, warmup=1)
+        mem_sj, mem_nn = (
+            temp_bytes(wrap(sj), spec, spec, spec),
+            temp_bytes(wrap(nn), spec, spec, spec),
+        )
+        err_sj = _error(jax.jit(sj), q, k, v) if what == "fwd" else None
+        err_nn = _error(jax.jit(nn), q, k, v) if what == "fwd" else None
+        case = f"T={t_len} causal {what}"
+        rows.append(
+            dict(op="attention chunked", case=case, dtype="float32", peer="jax.nn",
+                 time_ratio=times[0] / times[1], softjax_ms=_ms(times[0]), peer_ms=_ms(times[1]),
+                 softjax_MiB=_mib(mem_sj), peer_MiB=_mib(mem_nn), softjax_err=err_sj,
+                 peer_err=err_nn)
+        )  # fmt: skip
+        if torch_fn:
+            rows.append(
+                dict(op="attention chunked", case=case, dtype="float32", peer="torch sdpa (cpu)",
+                     time_ratio=times[0] / times[2], softjax_ms=_ms(times[0]),
+                     peer_ms=_ms(times[2]), softjax_MiB=_mib(mem_sj))
+            )  # fmt: skip
+    return rows
+
+
+def _scaling(lengths, timed, large, reps):
+    """fwd+bwd temp memory (compile only) for every T, and time for T in ``timed``."""
+    rows, curve = [], []
+    for t_len in lengths:
+        spec = jax.ShapeDtypeStruct((1, t_len, N, H), jnp.float32)
+        mem_sj = temp_bytes(_fwd_bwd(_softjax("chunked")), spec, spec, spec)
+        mem_nn = temp_bytes(_fwd_bwd(_jax_nn), spec, spec, spec)
+        t_sj = t_nn = t_torch = None
+        if t_len in timed or (large and t_len == max(lengths)):
+            q, k, v = _inputs(t_len)
+            fns = [jax.jit(_fwd_bwd(_softjax("chunked")))]
+            if t_len in timed:
+                fns.append(jax.jit(_fwd_bwd(_jax_nn)))
+                torch_fn = _torch_fns(q, k, v)[1]
+                if torch_fn:
+                    fns.append(torch_fn)
+            times = median_times(fns, (q, k, v), reps=reps if t_len in timed else 1, warmup=1)
+            t_sj = times[0]
+            t_nn = times[1] if len(times) > 1 else None
+            t_torch = times[2] if len(times) > 2 else None
+        curve.append((t_len, t_sj, t_nn, t_torch, mem_sj, mem_nn))
+        rows.append(
+            dict(op="attention chunked", case=f"T={t_len} causal fwd+bwd", dtype="float32",
+                 peer="jax.nn (memory)", time_ratio=None if t_nn is None else t_sj / t_nn,
+                 softjax_ms=_ms(t_sj), peer_ms=_ms(t_nn), softjax_MiB=_mib(mem_sj),
+                 peer_MiB=_mib(mem_nn))
+        )  # fmt: skip
+    return rows, curve
+
+
+def _crossover(lengths, reps):
+    """fwd+bwd time of the materialising path against the chunked one at short T."""
+    rows = []
+    for t_len in lengths:
+        q, k, v = _inputs(t_len)
+        fns = [jax.jit(_fwd_bwd(_softjax("chunked"))), jax.jit(_fwd_bwd(_softjax("xla")))]
+        t_c, t_x = median_times(fns, (q, k, v), reps=reps, warmup=1)
+        rows.append(
+            dict(op="attention chunked", case=f"T={t_len} causal fwd+bwd", dtype="float32",
+                 peer="softjax xla", time_ratio=t_c / t_x, softjax_ms=_ms(t_c), peer_ms=_ms(t_x))
+        )  # fmt: skip
+    return rows
+
+
+def _plot(curve, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.array([c[0] for c in curve])
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for col, label in ((1, "softjax chunked"), (2, "jax.nn"), (3, "torch sdpa (cpu)")):
+        pts = [(c[0], c[col]) for c in curve if c[col] is not None]
+        if pts:
+            ax_t.loglog(*zip(*pts, strict=True), "o-", label=label)
+    ax_t.set(xlabel="T (= S)", ylabel="fwd+bwd time [s]", title="causal, B=1, N=8, H=64, f32")
+    ax_m.loglog(t, [c[4] / 2**20 for c in curve], "o-", label="softjax chunked")
+    ax_m.loglog(t, [c[5] / 2**20 for c in curve], "o-", label="jax.nn")
+    ax_m.axhline(24 * 1024, color="gray", ls=":", label="24 GiB machine")
+    ax_m.set(xlabel="T (= S)", ylabel="fwd+bwd temp memory [MiB]", title="compiled temp memory")
+    for ax in (ax_t, ax_m):
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args) -> list[dict]:
+    quick = args.quick
+    reps = args.reps or (2 if quick else 3)
+    rows = _headline(512 if quick else 4096, reps)
+    lengths = [256, 512, 1024] if quick else [512, 1024, 2048, 4096, 8192, 16384, 32768]
+    timed = [256, 512] if quick else [512, 1024, 2048]
+    scaling_rows, curve = _scaling(lengths, timed, args.large, reps)
+    rows += scaling_rows
+    rows += _crossover([128, 256] if quick else [256, 512, 1024, 2048], reps)
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        _plot(curve, os.path.join(args.out, "attention.png"))
+    except ImportError:
+        pass
+    return rows

@@ -1,0 +1,290 @@
+"""``dot_product_attention``: validation, canonical layout and dispatch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _checks
+from .. import _numerics as nx
+from . import chunked, reference
+from ._masks import Masks, Spec
+
+Implementation = Literal["xla", "chunked"]
+IMPLEMENTATIONS = ("xla", "chunked")
+
+# Below this many query x key pairs per head the materialising path is faster on CPU (and its
+# memory, T x S floats per head, is small). Measured with ``python -m bench --only attention``
+# (causal fwd+bwd, N=8, H=64): chunked/xla time 1.6 at T=256, 0.79 at T=512, 0.35 at T=1024.
+CPU_CROSSOVER = 512 * 512
+
+
+def _rank4(x, name: str):
+    x = _checks.floating(x, name)
+    if x.ndim != 4:
+        raise ValueError(
+            f"{name} must have rank 4 [B, T|S, N|K, H] (or 3 without B), got {x.shape}"
+        )
+    return x
+
+
+def _broadcastable(x, name: str, target: tuple, kind: str):
+    """``x`` padded to rank 4 with leading 1s; each axis must be 1 or match ``target``."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if kind == "bool" and x.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a boolean array (True = attend), got dtype {x.dtype}")
+    if kind == "float" and not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.ndim > 4 or any(
+        d not in (1, t) for d, t in zip((1,) * (4 - x.ndim) + x.shape, target, strict=True)
+    ):
+        raise ValueError(
+            f"{name} has shape {x.shape}, which does not broadcast to [B, N, T, S] = {target}"
+        )
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _to_groups(x, num_kv: int, group: int):
+    """[B|1, N|1, T|1, S|1] -> [B|1, K|1, T|1, G|1, S|1] (head n = k * G + g)."""
+    b, n, t, s = x.shape
+    if n == 1:
+        return x.reshape(b, 1, t, 1, s)
+    return x.reshape(b, num_kv, group, t, s).transpose(0, 1, 3, 2, 4)
+
+
+def _lengths(x, name: str, batch: int):
+    if x is None:
+        return None
+    x = _checks.integer(x, name)
+    if x.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one length per batch), got {x.shape}")
+    return x.astype(jnp.int32)
+
+
+def _window(w) -> tuple[int, int] | None:
+    if w is None:
+        return None
+    pair = (w, w) if isinstance(w, (int, np.integer)) else tuple(w)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
+        raise TypeError(f"local_window_size must be an int or a pair of ints, got {w!r}")
+    if min(pair) < 0:
+        raise ValueError(f"local_window_size must be >= 0, got {w!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _segments(segment_ids, batch: int, t_len: int, s_len: int):
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError(
+                "segment_ids must be one [B, T] array or a pair ([B, T], [B, S]), "
+                f"got a sequence of {len(segment_ids)}"
+            )
+        q_seg, kv_seg = segment_ids
+    else:
+        q_seg = kv_seg = segment_ids
+    q_seg = _checks.integer(q_seg, "segment_ids")
+    kv_seg = _checks.integer(kv_seg, "segment_ids")
+    if q_seg.shape != (batch, t_len):
+        raise ValueError(f"query segment_ids must have shape {(batch, t_len)}, got {q_seg.shape}")
+    if kv_seg.shape != (batch, s_len):
+        raise ValueError(
+            f"key/value segment_ids must have shape {(batch, s_len)}, got {kv_seg.shape}"
+            + (" (pass a pair (q [B, T], kv [B, S]) when T != S)" if t_len != s_len else "")
+        )
+    return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+
+def _pick(implementation, t_len: int, s_len: int) -> str:
+    if implementation is None:
+        if jax.default_backend() == "cpu" and t_len * s_len < CPU_CROSSOVER:
+            return "xla"
+        return "chunked"
+    if implementation in IMPLEMENTATIONS:
+        return implementation
+    if implementation in ("pallas", "cudnn"):
+        raise NotImplementedError(
+            f"implementation={implementation!r} is not available in softjax; "
+            f"choose from {IMPLEMENTATIONS} or None"
+        )
+    raise ValueError(
+        f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
+    )
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size: int | tuple[int, int] | None = None,
+    segment_ids=None,
+    logit_softcap: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    return_lse: bool = False,
+    implementation: Implementation | None = None,
+    block_q: int = 256,
+    block_k: int = 256,
+):
+    r"""Scaled dot-product attention, exact and memory-lean, with an online softmax.
+
+    .. math::
+        s_{ts} = \mathrm{softcap}(\mathrm{scale}\; q_t \cdot k_s) + b_{ts},\qquad
+        o_t = \sum_{s \in \mathcal{M}_t} \frac{e^{s_{ts}}}{\sum_{s' \in \mathcal{M}_t}
+        e^{s_{ts'}}}\, v_s,\qquad \mathrm{lse}_t = \log \sum_{s \in \mathcal{M}_t} e^{s_{ts}}
+
+    where :math:`\mathcal{M}_t` is the set of keys query ``t`` may attend to (the
+    intersection of ``mask``, causal, window, lengths and segments) and
+    ``softcap(x) = c tanh(x / c)``.
+
+    Layout and argument meanings are those of :func:`jax.nn.dot_product_attention` (a
+    superset of its arguments).
+
+    Args:
+      query: ``[B, T, N, H]`` (or ``[T, N, H]``), floating.
+      key: ``[B, S, K, H]`` with ``N`` a multiple of ``K``: grouped-query attention, query
+        head ``n`` uses key/value head ``n // (N / K)``, without repeating K/V in memory.
+      value: ``[B, S, K, H]``, same shape and dtype as ``key``.
+      bias: optional additive bias broadcastable to ``[B, N, T, S]`` (differentiable).
+      mask: optional boolean array broadcastable to ``[B, N, T, S]``, True = attend.
+      scale: multiplies ``q . k``; default ``1 / sqrt(H)``.
+      is_causal: query ``t`` attends to keys ``s <= t`` (top-left aligned, as in jax.nn and
+        PyTorch).
+      query_seq_lengths: int ``[B]``; queries ``t >= length`` attend to nothing (output 0).
+      key_value_seq_lengths: int ``[B]``; keys ``s >= length`` are never attended.
+      local_window_size: ``w`` or ``(left, right)``: query ``t`` attends to
+        ``t - left <= s <= t + right``.
+      segment_ids: int ``[B, T]`` (self-attention) or a pair (``[B, T]``, ``[B, S]``): tokens
+        attend only within their segment (sequence packing).
+      logit_softcap: ``c > 0`` applies ``c tanh(x / c)`` to the scaled scores (before the
+        bias).
+      dropout_rate: probability of dropping each attention weight (the kept ones are scaled
+        by ``1 / (1 - rate)``); the mask is a hash of ``(dropout_rng, b, n, t, s)``,
+        regenerated block by block and never stored. lse is that of the undropped weights.
+      dropout_rng: a PRNG key, required when ``dropout_rate > 0``.
+      return_lse: also return the logsumexp ``[B, T, N]`` (float32, float64 for float64
+        inputs), differentiable.
+      implementation: ``"xla"`` materialises the ``[B, N, T, S]`` scores (fast for short
+        sequences, the reference); ``"chunked"`` streams over blocks of ``block_q`` queries and
+        ``block_k`` keys with a custom VJP, memory linear in T and S, skipping blocks hidden
+        by the causal mask or the window; ``None`` picks ``"xla"`` on CPU below
+        ``T * S = 512**2`` and ``"chunked"`` otherwise.
+      block_q, block_k: block sizes of ``"chunked"`` (clipped to the lengths).
+
+    Returns:
+      The output ``[B, T, N, H]`` in the dtype of ``query``, and with ``return_lse`` also
+      the logsumexp ``[B, T, N]``.
+
+    Numerics: bf16/f16 inputs are upcast; scores, softmax and the weighted sum are computed
+    in float32 (float64 for float64) and rounded once. A query row with nothing to attend to
+    (fully masked, outside its length, a bias of ``-inf`` everywhere) gives output exactly 0,
+    lse ``-inf`` and zero gradients, never NaN and never the average of ``value``.
+
+    Differentiation: reverse mode (``grad``, ``vjp``) works with both implementations, for
+    ``query``, ``key``, ``value``, ``bias`` and through the lse; ``"chunked"`` recomputes the
+    scores block by block in its backward pass, saving only the output and the lse.
+    Higher-order derivatives and forward mode (``jvp``, ``jacfwd``) are supported by
+    ``"xla"`` only; ``"chunked"`` raises for ``jvp`` (its custom VJP defines no JVP).
+
+    Example:
+      >>> import jax, softjax
+      >>> q = k = v = jax.numpy.ones((1, 4, 2, 8))
+      >>> softjax.dot_product_attention(q, k, v, is_causal=True).shape
+      (1, 4, 2, 8)
+    """
+    query = _checks.floating(query, "query")
+    unbatched = query.ndim == 3
+    if unbatched:
+        # bias and mask ([N, T, S] or any rank <= 4) broadcast from the right as they are.
+        query, key, value = (jnp.asarray(x)[None] for x in (query, key, value))
+    query, key, value = _rank4(query, "query"), _rank4(key, "key"), _rank4(value, "value")
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(
+            "query, key and value must have the same dtype, got "
+            f"{query.dtype}, {key.dtype} and {value.dtype}"
+        )
+    b_, t_len, n_, h = query.shape
+    if key.shape != value.shape:
+        raise ValueError(
+            f"key and value must have the same shape, got {key.shape} and {value.shape}"
+        )
+    kb, s_len, k_, hk = key.shape
+    if kb != b_:
+        raise ValueError(
+            f"key has batch {kb} but query has batch {b_} (shapes {key.shape}, {query.shape})"
+        )
+    if hk != h:
+        raise ValueError(f"key has head dim {hk} but query has head dim {h}")
+    if n_ % k_:
+        raise ValueError(f"query has {n_} heads, which is not a multiple of key/value's {k_} heads")
+    g_ = n_ // k_
+    target = (b_, n_, t_len, s_len)
+    bias = _broadcastable(bias, "bias", target, "float")
+    mask = _broadcastable(mask, "mask", target, "bool")
+    if scale is None:
+        scale = 1.0 / float(np.sqrt(h))
+    if logit_softcap is not None:
+        if not isinstance(logit_softcap, (int, float)) or not logit_softcap > 0:
+            raise ValueError(f"logit_softcap must be a number > 0, got {logit_softcap!r}")
+        logit_softcap = float(logit_softcap)
+    if not isinstance(dropout_rate, (int, float)) or not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
+    seed = None
+    if dropout_rate > 0:
+        if dropout_rng is None:
+            raise ValueError("dropout_rate > 0 needs a dropout_rng (a PRNG key), got None")
+        seed = jax.random.bits(dropout_rng, (2,), jnp.uint32)
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
+    for name, x in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(x, int) or x < 8 or x % 8:
+            raise ValueError(f"{name} must be a positive multiple of 8, got {x!r}")
+    which = _pick(implementation, t_len, s_len)
+    q_seg, kv_seg = _segments(segment_ids, b_, t_len, s_len)
+
+    cdt = nx.compute_dtype(query.dtype)
+    # Canonical layout: q [B, K, T, G, H] (scaled once here, O(T) work), k/v [B, K, S, H].
+    q = (query.astype(cdt) * jnp.asarray(scale, cdt)).reshape(b_, t_len, k_, g_, h)
+    q = q.transpose(0, 2, 1, 3, 4)
+    k = key.astype(cdt).transpose(0, 2, 1, 3)
+    v = value.astype(cdt).transpose(0, 2, 1, 3)
+    spec = Spec(
+        causal=bool(is_causal),
+        window=_window(local_window_size),
+        softcap=logit_softcap,
+        dropout_rate=float(dropout_rate),
+        s_valid=None,
+        num_heads=n_,
+        group=g_,
+    )
+    masks = Masks(
+        mask=None if mask is None else _to_groups(mask, k_, g_),
+        q_segment=q_seg,
+        kv_segment=kv_seg,
+        q_length=_lengths(query_seq_lengths, "query_seq_lengths", b_),
+        kv_length=_lengths(key_value_seq_lengths, "key_value_seq_lengths", b_),
+        seed=seed,
+    )
+    bias = None if bias is None else _to_groups(bias.astype(cdt), k_, g_)
+    if which == "xla":
+        out, lse = reference.attention(spec, q, k, v, bias, masks)
+    else:
+        out, lse = chunked.attention(spec, q, k, v, bias, masks, block_q=block_q, block_k=block_k)
+    out = out.transpose(0, 2, 1, 3, 4).reshape(b_, t_len, n_, h).astype(query.dtype)
+    lse = lse.transpose(0, 2, 1, 3).reshape(b_, t_len, n_)
+    if unbatched:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out
