@@ -27,6 +27,8 @@ vocabulary 262144, about ten times cheaper than sorting the row.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -244,7 +246,27 @@ def _tempered(x, t):
     return x / safe_t, greedy
 
 
+@partial(jax.jit, static_argnames="static_k")
+def _filter_jit(x, temperature, top_k, top_p, min_p, static_k):
+    # Jitted whole (also when called eagerly): the bisection is a loop of small ops.
+    k = static_k if static_k is not None else top_k
+    return _filter_impl(x, dict(temperature=temperature, top_k=k, top_p=top_p, min_p=min_p))
+
+
 def _filter(x, knobs):
+    k = knobs["top_k"]
+    static_k = int(k) if _static_k(k) else None
+    return _filter_jit(
+        x,
+        knobs["temperature"],
+        None if _static_k(k) else k,
+        knobs["top_p"],
+        knobs["min_p"],
+        static_k,
+    )
+
+
+def _filter_impl(x, knobs):
     z, greedy = _tempered(x, knobs["temperature"])
     keep = _keep_mask(z, knobs)
     # Greedy rows keep only the first maximal logit, so a draw returns it exactly.
@@ -331,23 +353,30 @@ def filter_logits_reference(
     top probability, each cut kept with its ties, and maps the cuts back by value.
     """
     x, knobs = _prepare(logits, axis, temperature, top_k, top_p, min_p)
-    z, greedy = _tempered(x, knobs["temperature"])
+    k = knobs["top_k"]
+    k = None if k is None else jnp.broadcast_to(jnp.asarray(k, jnp.int32), x.shape[:-1])
+    out = _reference_jit(x, knobs["temperature"], k, knobs["top_p"], knobs["min_p"])
+    return jnp.moveaxis(out, -1, _checks.normalize_axes(axis, x.ndim)[0])
+
+
+@jax.jit
+def _reference_jit(x, temperature, k, top_p, min_p):
+    z, greedy = _tempered(x, temperature)
     v = z.shape[-1]
     srt = -jnp.sort(-z, axis=-1)
     keep_s = srt > -jnp.inf
-    k = knobs["top_k"]
     if k is not None:
-        k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), z.shape[:-1])[..., None]
+        k = k[..., None]
         kth = jnp.take_along_axis(srt, jnp.clip(k - 1, 0, v - 1), axis=-1)
         keep_s = keep_s & ((k <= 0) | (srt >= kth))
-    if knobs["top_p"] is not None:
-        p = knobs["top_p"][..., None]
+    if top_p is not None:
+        p = top_p[..., None]
         e = jnp.where(keep_s, jnp.exp(srt - srt[..., :1]), 0.0)
         mass = jnp.cumsum(e, axis=-1)
         first = jnp.argmax(mass >= p * mass[..., -1:], axis=-1, keepdims=True)
         keep_s = keep_s & ((p >= 1) | (srt >= jnp.take_along_axis(srt, first, axis=-1)))
-    if knobs["min_p"] is not None:
-        m = knobs["min_p"][..., None]
+    if min_p is not None:
+        m = min_p[..., None]
         e = jnp.where(keep_s, jnp.exp(srt - srt[..., :1]), 0.0)
         keep_s = keep_s & ((m <= 0) | (e >= m))
     # The kept set is a prefix of the sorted row: everything >= its last value.
@@ -358,8 +387,7 @@ def filter_logits_reference(
     keep = jnp.where(greedy, first_max & (x > -jnp.inf), keep)
     z = jnp.where(greedy, 0.0, z)
     nan_row = jnp.any(jnp.isnan(x), axis=-1, keepdims=True)
-    out = jnp.where(nan_row, jnp.nan, jnp.where(keep, z, -jnp.inf))
-    return jnp.moveaxis(out, -1, _checks.normalize_axes(axis, x.ndim)[0])
+    return jnp.where(nan_row, jnp.nan, jnp.where(keep, z, -jnp.inf))
 
 
 def sample_reference(
