@@ -1,17 +1,23 @@
 """softjax: the softmax family for JAX, exact, NaN-free and memory-lean."""
 
+from . import calibration as calibration
 from ._losses import binary_cross_entropy as binary_cross_entropy
 from ._losses import cross_entropy as cross_entropy
 from ._softmax import log_softmax as log_softmax
 from ._softmax import logsumexp as logsumexp
 from ._softmax import softmax as softmax
+from ._sparse import entmax15 as entmax15
+from ._sparse import sparsemax as sparsemax
 from .sampling import sample as sample
 
 __all__ = [
     "binary_cross_entropy",
+    "calibration",
     "cross_entropy",
+    "entmax15",
     "log_softmax",
     "logsumexp",
     "sample",
     "softmax",
+    "sparsemax",
 ]
