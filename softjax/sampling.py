@@ -198,7 +198,9 @@ def _static_top_k_cuts(z, keep, k: int, top_p):
     candidate whose inclusive cumulative mass reaches ``top_p`` of the total (or the ``k``-th
     value, which the extra ties complete).
     """
-    vals, _ = lax.top_k(z, k)
+    # The barrier keeps XLA from turning top_k into a full sort: on CPU, top_k is lowered as
+    # sort + slice and only a plain prefix slice is matched back to the fast TopK kernel.
+    vals = lax.optimization_barrier(lax.top_k(z, k)[0])
     kth = vals[..., -1:]
     if top_p is None:
         return kth, None
