@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 import softjax
 from softjax.sampling import filter_logits, filter_logits_reference, sample, sample_reference
 
+SLOW = pytest.mark.slow
+
 # Upper 1e-6 quantiles of the chi-square distribution, by degrees of freedom (from
 # scipy.stats.chi2.isf(1e-6, df)); a correct sampler fails one test in a million.
 CHI2_CRIT = {
@@ -114,8 +116,8 @@ def test_per_row_knobs_equal_row_by_row_calls():
 def test_static_and_traced_top_k_agree_with_ties_beyond_k():
     # Integer logits: many ties at the k-th value, some outside lax.top_k's k candidates.
     x = np.random.default_rng(3).integers(-3, 3, size=(32, 40)).astype(np.float32)
-    for k in (1, 3, 39):
-        for p in (None, 0.3, 1.0):
+    for k in (3, 39):
+        for p in (None, 0.3):
             a = kept(filter_logits(x, top_k=k, top_p=p))
             b = kept(filter_logits(x, top_k=jnp.asarray(k), top_p=p))
             want = np.stack([ref_keep(r, top_k=k, top_p=p) for r in x])
@@ -133,7 +135,15 @@ def test_ties_at_the_cut_are_kept():
     np.testing.assert_array_equal(kept(filter_logits(logp, top_p=0.4)), [1, 0, 0, 0])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        jnp.float32,
+        jnp.bfloat16,
+        pytest.param(jnp.float16, marks=SLOW),
+        pytest.param(jnp.float64, marks=SLOW),
+    ],
+)
 def test_identities_drop_nothing(dtype):
     # A long tail of tiny probabilities: a float32 cumulative sum reaches 1 long before the
     # end of the row, which makes a naive "cumsum < top_p" drop real tokens at top_p = 1.
@@ -200,13 +210,12 @@ def test_tiny_temperature_is_finite_and_greedy():
 # ---------------------------------------------------------------------------------------
 # distribution: chi-square of empirical frequencies against the renormalised target
 
-SLOW = pytest.mark.slow
 CHI_CASES = [
-    dict(temperature=0.6),
+    pytest.param(dict(temperature=0.6), marks=SLOW),
     pytest.param(dict(top_k=4), marks=SLOW),
     dict(top_k=jnp.asarray(4)),
     dict(top_p=0.75),
-    dict(min_p=0.2),
+    pytest.param(dict(min_p=0.2), marks=SLOW),
     pytest.param(dict(top_k=6, top_p=0.85), marks=SLOW),
     dict(top_k=6, top_p=0.85, min_p=0.15, temperature=1.4),
     pytest.param(dict(top_p=0.6, min_p=0.3, temperature=2.0), marks=SLOW),
@@ -248,7 +257,7 @@ def test_chi_square_detects_a_wrong_distribution():
 
 def test_fast_and_reference_draw_the_same_tokens():
     x = jnp.asarray(logits_rows(8, 64, 300), jnp.float32)
-    for kw in (dict(top_p=0.9), dict(top_k=40, top_p=0.8, min_p=0.05)):
+    for kw in (dict(top_k=40, top_p=0.8, min_p=0.05),):
         np.testing.assert_array_equal(
             sample(jax.random.key(3), x, **kw), sample_reference(jax.random.key(3), x, **kw)
         )
@@ -327,7 +336,7 @@ def test_traced_invalid_knobs_do_not_raise():
     fn(jnp.float32(2.0))  # no check on traced data
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     v=st.sampled_from([1, 2, 9, 40]),

@@ -97,9 +97,9 @@ def test_large_and_shifted_inputs(fn):
 @FNS
 def test_check_grads(fn):
     x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 9)), jnp.float64)
-    check_grads(fn, (x,), order=2, modes=("fwd", "rev"))
     w = jnp.asarray(np.random.default_rng(3).random((3, 9)) > 0.3)
     check_grads(lambda x: fn(x, where=w), (x,), order=1, modes=("fwd", "rev"))
+    check_grads(fn, (x,), order=2, modes=("rev",))
 
 
 @FNS
