@@ -28,6 +28,7 @@ vocabulary 262144, about ten times cheaper than sorting the row.
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -189,7 +190,17 @@ def _min_p(e, keep, min_p):
     return keep & ((m <= 0) | (e >= m))
 
 
-def _static_top_k_cuts(z, keep, k: int, top_p):
+class _Candidates(NamedTuple):
+    """The ``k`` largest tempered logits of each row and the cuts found from them alone."""
+
+    vals: jax.Array  # [..., k], descending
+    idx: jax.Array  # [..., k], their token indices
+    kth: jax.Array  # [..., 1], the top-k cut
+    cut_p: jax.Array | None  # [..., 1], the top-p cut (-inf where top_p >= 1), or None
+    n_extra: jax.Array  # [..., 1], tokens outside the candidates tied with the k-th value
+
+
+def _static_top_k_cuts(z, keep, k: int, top_p) -> _Candidates:
     """Top-k and top-p cut values from the ``k`` largest logits only (no vocabulary sort).
 
     ``lax.top_k`` gives the candidates sorted. Tokens outside them that tie with the ``k``-th
@@ -200,22 +211,23 @@ def _static_top_k_cuts(z, keep, k: int, top_p):
     """
     # The barrier keeps XLA from turning top_k into a full sort: on CPU, top_k is lowered as
     # sort + slice and only a plain prefix slice is matched back to the fast TopK kernel.
-    vals = lax.optimization_barrier(lax.top_k(z, k)[0])
+    vals, idx = lax.optimization_barrier(lax.top_k(z, k))
     kth = vals[..., -1:]
-    if top_p is None:
-        return kth, None
-    top = vals[..., :1]
-    e_vals = jnp.where(vals > -jnp.inf, jnp.exp(vals - top), 0.0)
     n_all = jnp.sum(keep & (z == kth), axis=-1, keepdims=True, dtype=jnp.int32)
     n_in = jnp.sum(vals == kth, axis=-1, keepdims=True, dtype=jnp.int32)
-    extra = (n_all - n_in).astype(jnp.float32) * e_vals[..., -1:]
+    n_extra = n_all - n_in
+    if top_p is None:
+        return _Candidates(vals, idx, kth, None, n_extra)
+    top = vals[..., :1]
+    e_vals = jnp.where(vals > -jnp.inf, jnp.exp(vals - top), 0.0)
+    extra = n_extra.astype(jnp.float32) * e_vals[..., -1:]
     mass = jnp.cumsum(e_vals, axis=-1)
     total = mass[..., -1:] + extra
     p = top_p[..., None]
     first = jnp.argmax(mass >= p * total, axis=-1, keepdims=True)
     reached = jnp.any(mass >= p * total, axis=-1, keepdims=True)
     cut_p = jnp.where(reached, jnp.take_along_axis(vals, first, axis=-1), kth)
-    return kth, jnp.where(p >= 1, -jnp.inf, cut_p)
+    return _Candidates(vals, idx, kth, jnp.where(p >= 1, -jnp.inf, cut_p), n_extra)
 
 
 def _keep_mask(z, knobs):
@@ -224,10 +236,10 @@ def _keep_mask(z, knobs):
     keep = z > -jnp.inf
     if _static_k(top_k):
         if 0 < top_k < z.shape[-1]:
-            kth, cut_p = _static_top_k_cuts(z, keep, int(top_k), top_p)
-            keep = keep & (z >= kth)
-            if cut_p is not None:
-                keep = keep & (z >= cut_p)
+            c = _static_top_k_cuts(z, keep, int(top_k), top_p)
+            keep = keep & (z >= c.kth)
+            if c.cut_p is not None:
+                keep = keep & (z >= c.cut_p)
         elif top_p is not None:
             keep = _top_p_bisect(_unnormalised(z, keep), _order_key(z), keep, top_p)
     else:
@@ -335,10 +347,54 @@ def sample(
       Array([1, 2], dtype=int32)
     """
     x, knobs = _prepare(logits, axis, temperature, top_k, top_p, min_p)
-    z = _filter(x, knobs)
+    if _static_k(top_k) and 0 < top_k < x.shape[-1]:
+        return _sample_candidates(
+            key, x, knobs["temperature"], knobs["top_p"], knobs["min_p"], int(top_k)
+        )
+    return _draw(key, _filter(x, knobs))
+
+
+def _draw(key, z):
+    """Gumbel-max draw from ``softmax(z)`` over the last axis; -1 where nothing is finite."""
     tokens = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
     undrawable = ~jnp.any(z > -jnp.inf, axis=-1)  # NaN rows compare False too
     return jnp.where(undrawable, -1, tokens)
+
+
+@partial(jax.jit, static_argnames="k")
+def _sample_candidates(key, x, temperature, top_p, min_p, k: int):
+    """:func:`sample` with a static ``top_k``: draws among the ``k`` candidates only.
+
+    Every surviving token is among the candidates unless the final cut sits at the ``k``-th
+    value and tokens outside the candidates tie with it; only rows in that (rare) case need
+    a draw over the whole vocabulary, and ``lax.cond`` computes it only when some row does.
+    Otherwise the draw costs ``k`` Gumbel variates a row instead of ``V``.
+    """
+    key_c, key_full = jax.random.split(key)
+    z, greedy = _tempered(x, temperature)
+    keep = z > -jnp.inf
+    c = _static_top_k_cuts(z, keep, k, top_p)
+    cut = c.kth if c.cut_p is None else jnp.maximum(c.kth, c.cut_p)
+    keep_c = (c.vals >= cut) & (c.vals > -jnp.inf)
+    if min_p is not None:
+        # The same arithmetic as the full path on the same values: the same decisions.
+        keep_c = _min_p(_unnormalised(c.vals, keep_c), keep_c, min_p)
+    g = jax.random.gumbel(key_c, c.vals.shape, jnp.float32)
+    pick = jnp.argmax(jnp.where(keep_c, c.vals + g, -jnp.inf), axis=-1, keepdims=True)
+    tokens = jnp.take_along_axis(c.idx, pick, axis=-1)[..., 0].astype(jnp.int32)
+    needs_full = ((cut == c.kth) & (c.n_extra > 0))[..., 0]
+
+    def full(operands):
+        # The barrier pins the whole-vocabulary work inside the branch: without it XLA's
+        # conditional code motion hoists the V random draws out and runs them every time.
+        x, key_full = lax.optimization_barrier(operands)
+        knobs = dict(temperature=temperature, top_k=k, top_p=top_p, min_p=min_p)
+        return jnp.where(needs_full, _draw(key_full, _filter_impl(x, knobs)), tokens)
+
+    tokens = lax.cond(jnp.any(needs_full), full, lambda _: tokens, (x, key_full))
+    tokens = jnp.where(greedy[..., 0], jnp.argmax(x, axis=-1).astype(jnp.int32), tokens)
+    drawable = jnp.any(x > -jnp.inf, axis=-1) & ~jnp.any(jnp.isnan(x), axis=-1)
+    return jnp.where(drawable, tokens, -1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -399,6 +455,4 @@ def sample_reference(
     z = filter_logits_reference(
         logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, axis=axis
     )
-    z = jnp.moveaxis(z, axis, -1)
-    tokens = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
-    return jnp.where(~jnp.any(z > -jnp.inf, axis=-1), -1, tokens)
+    return _draw(key, jnp.moveaxis(z, axis, -1))

@@ -244,6 +244,23 @@ def test_empirical_frequencies_match_target(kw):
     assert stat < CHI2_CRIT[df], f"chi2 = {stat:.1f} with {df} dof for {kw}"
 
 
+def test_static_top_k_draws_with_ties_beyond_the_candidates():
+    # Row A: the 2nd value ties with three tokens outside lax.top_k's 2 candidates, so those
+    # rows take the whole-vocabulary draw; row B has no such tie and draws among candidates.
+    a = np.array([2.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    b = np.array([2.0, 1.5, 1.0, 0.5, 0.2, 0.0])
+    n = 20_000
+    x = jnp.asarray(np.where(np.arange(2 * n)[:, None] % 2 == 0, a, b), jnp.float32)
+    for kw in (dict(top_k=2), dict(top_k=2, min_p=0.3)):
+        draws = np.asarray(jax.jit(lambda k, x, kw=kw: sample(k, x, **kw))(jax.random.key(5), x))
+        for row, got in ((a, draws[0::2]), (b, draws[1::2])):
+            probs = ref_probs(row, **kw)
+            counts = np.bincount(got, minlength=row.size)
+            np.testing.assert_array_equal(counts[probs == 0], 0)
+            stat, df = chi_square(counts, probs)
+            assert stat < CHI2_CRIT[df], f"chi2 = {stat:.1f} with {df} dof for {kw}, row {row}"
+
+
 def test_chi_square_detects_a_wrong_distribution():
     # The test above can fail: unfiltered draws against the top-p target are rejected.
     x = np.array([2.0, 1.5, 1.2, 1.0, 0.4, 0.0])
@@ -257,7 +274,8 @@ def test_chi_square_detects_a_wrong_distribution():
 
 def test_fast_and_reference_draw_the_same_tokens():
     x = jnp.asarray(logits_rows(8, 64, 300), jnp.float32)
-    for kw in (dict(top_k=40, top_p=0.8, min_p=0.05),):
+    # (a static top_k draws among its candidates only, from a different random stream)
+    for kw in (dict(top_k=jnp.asarray(40), top_p=0.8, min_p=0.05),):
         np.testing.assert_array_equal(
             sample(jax.random.key(3), x, **kw), sample_reference(jax.random.key(3), x, **kw)
         )
