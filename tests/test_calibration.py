@@ -207,7 +207,7 @@ def test_validation():
         cal.expected_calibration_error(x, y, where=jnp.ones(3, bool))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     n=st.sampled_from([1, 7, 64]),

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "04_sampling_and_calibration.ipynb"
 
 
+@pytest.mark.slow  # ~45 s of CPU: kept out of the default run, run with -m slow
 def test_notebook_04_runs(monkeypatch):
     # The kernel imports softjax from this checkout, whatever else is installed.
     path = os.environ.get("PYTHONPATH", "")

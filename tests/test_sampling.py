@@ -251,7 +251,7 @@ def test_static_top_k_draws_with_ties_beyond_the_candidates():
     b = np.array([2.0, 1.5, 1.0, 0.5, 0.2, 0.0])
     n = 20_000
     x = jnp.asarray(np.where(np.arange(2 * n)[:, None] % 2 == 0, a, b), jnp.float32)
-    for kw in (dict(top_k=2), dict(top_k=2, min_p=0.3)):
+    for kw in (dict(top_k=2, min_p=0.3),):
         draws = np.asarray(jax.jit(lambda k, x, kw=kw: sample(k, x, **kw))(jax.random.key(5), x))
         for row, got in ((a, draws[0::2]), (b, draws[1::2])):
             probs = ref_probs(row, **kw)
@@ -354,7 +354,7 @@ def test_traced_invalid_knobs_do_not_raise():
     fn(jnp.float32(2.0))  # no check on traced data
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     v=st.sampled_from([1, 2, 9, 40]),
