@@ -18,7 +18,7 @@ import time
 import jax
 
 # Op families, in the order they are run; each is ``bench/<name>.py``.
-MODULES = ["softmax_family", "losses", "vocab", "attention"]
+MODULES = ["softmax_family", "losses", "vocab", "attention", "sampling"]
 
 COLUMNS = [
     ("family", 10),

@@ -1,19 +1,27 @@
 """softjax: the softmax family for JAX, exact, NaN-free and memory-lean."""
 
+from . import calibration as calibration
 from ._attention import dot_product_attention as dot_product_attention
 from ._losses import binary_cross_entropy as binary_cross_entropy
 from ._losses import cross_entropy as cross_entropy
 from ._softmax import log_softmax as log_softmax
 from ._softmax import logsumexp as logsumexp
 from ._softmax import softmax as softmax
+from ._sparse import entmax15 as entmax15
+from ._sparse import sparsemax as sparsemax
 from ._vocab import linear_cross_entropy as linear_cross_entropy
+from .sampling import sample as sample
 
 __all__ = [
     "binary_cross_entropy",
+    "calibration",
     "cross_entropy",
     "dot_product_attention",
+    "entmax15",
     "linear_cross_entropy",
     "log_softmax",
     "logsumexp",
+    "sample",
     "softmax",
+    "sparsemax",
 ]
