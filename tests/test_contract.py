@@ -37,6 +37,8 @@ CASES = {
         ),
         "loss",
     ),
+    "sparsemax": (lambda x: sj.sparsemax(x), "same"),
+    "entmax15": (lambda x: sj.entmax15(x), "same"),
     "binary_cross_entropy": (
         lambda x: sj.binary_cross_entropy(x, (x > 0).astype(x.dtype)),
         "loss",
@@ -103,4 +105,7 @@ def test_every_public_function_is_covered():
 
 
 # Public functions whose contract is checked in their own test module (other signatures).
-EXTRA_COVERED: set = set()
+EXTRA_COVERED = {
+    "dot_product_attention",  # [B, T, N, H] layout: tests/test_attention.py
+    "sample",  # integer output, not differentiable: tests/test_sampling.py
+}
