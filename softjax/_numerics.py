@@ -203,10 +203,9 @@ def _log_normalizer(z, shift, lo, axes):
     e = e + e * (err - c_lo)
     not_max = jnp.minimum(1.0, (z + (-shift)) * -big)  # 0 at the maximum, else 1
     rest = jnp.sum(e * not_max, axis=axes, keepdims=True)
-    # exp(0) == 1 at the maximum; any other difference (>= tiny) times root**2 is below
-    # -1000, whose exp is 0.
-    root = math.sqrt(1000.0 / float(jnp.finfo(dtype).tiny))
-    count = jnp.sum(jnp.exp(((z - shift) * root) * root), axis=axes, keepdims=True)
+    # 2 - min(2, (shift - z) * big) is 2 at the maximum and 0 elsewhere (its constants differ
+    # from not_max's on purpose: a broadcast shared by the two reductions is materialised).
+    count = jnp.sum(2.0 - jnp.minimum(2.0, (shift - z) * big), axis=axes, keepdims=True) * 0.5
     log_sum = jnp.log1p(rest * math.exp(-LIFT) + (count - 1))
     return jnp.where(count == 0, jnp.zeros_like(log_sum), log_sum)
 
