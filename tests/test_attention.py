@@ -382,7 +382,7 @@ def _chunked_equals_xla_equals_reference(t, s, kv_heads, causal, window, lengths
         np.testing.assert_allclose(lse, ref_lse, rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(
     t=st.integers(1, 24),
     s=st.integers(1, 24),
@@ -431,10 +431,10 @@ def test_unbatched_inputs_with_nts_bias_and_mask_match_jax_nn():
     q, k, v = (x[0] for x in inputs(dtype=np.float32))
     bias = jnp.asarray(np.random.default_rng(9).normal(size=(N, T, S)), np.float32)
     mask = jnp.asarray(np.random.default_rng(10).random((1, T, S)) < 0.7).at[..., 0].set(True)
-    for impl in IMPLS:
-        out = attention(q, k, v, bias, mask, implementation=impl, block_q=8, block_k=16)
-        ref = jax.nn.dot_product_attention(q, k, v, bias, mask)
-        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # The rank handling is shared by both implementations (it happens before dispatch).
+    out = attention(q, k, v, bias, mask, implementation="xla")
+    ref = jax.nn.dot_product_attention(q, k, v, bias, mask)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_grad_of_grad_and_jvp_through_xla():
