@@ -497,6 +497,58 @@ def plot_losses(losses, path: str, title: str = "") -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# --plain: the same training step from jax.nn + x @ w.T + optax, side by side
+
+
+def random_batch(cfg: Config, seed: int = 0) -> dict:
+    """A packed batch of random tokens in ``[0, cfg.vocab)`` (two segments a row), for timing."""
+    rng = np.random.default_rng(seed)
+    n = cfg.batch * (cfg.seq_len + 1)
+    data = rng.integers(0, cfg.vocab, size=n).astype(np.int32)
+    ids = np.repeat(np.arange(2 * cfg.batch, dtype=np.int32), -(-n // (2 * cfg.batch)))[:n]
+    starts = np.arange(cfg.batch) * (cfg.seq_len + 1)
+    return pack(data, ids, starts, cfg.seq_len)
+
+
+def compare_steps(cfg: Config, reps: int = 5) -> dict:
+    """Step time (median, interleaved) and compiled temp memory: softjax vs plain."""
+    from bench.harness import median_times, temp_bytes
+
+    plain_cfg = dataclasses.replace(cfg, attention="plain")
+    params = init_params(cfg)
+    optimizer = make_optimizer(cfg)
+    opt_state = optimizer.init(params)
+    batch = random_batch(cfg)
+    ours = make_step(cfg, partial(loss_fn, cfg), optimizer)
+    theirs = make_step(plain_cfg, partial(plain_loss_fn, plain_cfg), optimizer)
+    args = (params, opt_state, batch)
+    t_ours, t_theirs = median_times([jax.jit(ours), jax.jit(theirs)], args, reps=reps, warmup=1)
+    return {
+        "softjax_ms": 1e3 * t_ours,
+        "plain_ms": 1e3 * t_theirs,
+        "time_ratio": t_ours / t_theirs,
+        "softjax_MiB": temp_bytes(ours, *args) / 2**20,
+        "plain_MiB": temp_bytes(theirs, *args) / 2**20,
+    }
+
+
+def run_comparison(cfg: Config, large: Config, reps: int = 5) -> None:
+    print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}")
+    print("one training step (forward, backward, adamw): softjax vs jax.nn + x @ w.T + optax")
+    head = f"{'size':>34} {'softjax ms':>11} {'plain ms':>9} {'ratio':>6} {'softjax MiB':>12}"
+    print(head + f" {'plain MiB':>10} {'mem ratio':>9}")
+    for name, c, r in (("default", cfg, reps), ("long context, large vocab", large, 3)):
+        row = compare_steps(c, reps=r)
+        size = f"{name} (B={c.batch} T={c.seq_len} V={c.vocab})"
+        print(
+            f"{size:>34} {row['softjax_ms']:11.1f} {row['plain_ms']:9.1f} "
+            f"{row['time_ratio']:6.2f} {row['softjax_MiB']:12.1f} {row['plain_MiB']:10.1f} "
+            f"{row['softjax_MiB'] / row['plain_MiB']:9.3f}",
+            flush=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -513,6 +565,9 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=Config.lr)
     ap.add_argument("--devices", type=int, default=1)
     ap.add_argument("--plain", action="store_true", help="softjax vs plain step comparison")
+    ap.add_argument("--large-seq-len", type=int, default=2048, help="--plain large size: T")
+    ap.add_argument("--large-vocab", type=int, default=32768, help="--plain large size: V")
+    ap.add_argument("--large-batch", type=int, default=2, help="--plain large size: B")
     ap.add_argument("--out", default="bench_out", help="folder for the loss curve PNG")
     args = ap.parse_args(argv)
     cfg = Config(
@@ -525,9 +580,10 @@ def main(argv=None) -> None:
         lr=args.lr,
     )
     if args.plain:
-        from bench.train_lm_compare import run_comparison
-
-        run_comparison(cfg)
+        large = dataclasses.replace(
+            cfg, seq_len=args.large_seq_len, vocab=args.large_vocab, batch=args.large_batch
+        )
+        run_comparison(cfg, large)
         return
     if args.devices > 1 and jax.device_count() < args.devices:
         raise SystemExit(f"--devices {args.devices} but jax sees {jax.device_count()} devices")
