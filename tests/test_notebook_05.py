@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "05_train_a_tiny_lm.ipynb"
 
 
-@pytest.mark.slow  # ~90 s of CPU (150 training steps): run with -m slow
+@pytest.mark.slow  # ~75 s of CPU (150 training steps): run with -m slow
 def test_notebook_05_runs(monkeypatch):
     # The kernel imports softjax from this checkout, whatever else is installed.
     path = os.environ.get("PYTHONPATH", "")
