@@ -82,11 +82,10 @@ def test_sharded_steps_equal_single_device_steps(single_run, sharded_run):
     assert jax.device_count() >= 8
     params, losses, _ = single_run
     sparams, slosses, _ = sharded_run
-    # The first loss is exact up to the order of the sums; later ones carry the rounding of
-    # 20 adamw steps taken on gradients summed in a different order.
-    np.testing.assert_allclose(slosses[0], losses[0], rtol=1e-6)
-    np.testing.assert_allclose(slosses, losses, rtol=2e-5)
+    # Equal up to the order of the sums (measured: 1.5e-7 relative on the losses, 2.4e-7 on
+    # the parameters after 20 adamw steps).
+    np.testing.assert_allclose(slosses, losses, rtol=1e-6)
     # The embedding stayed sharded over the vocabulary: 256 / 4 rows a device.
     assert sparams["embed"].addressable_shards[0].data.shape == (64, TINY.d_model)
     for a, b in zip(jax.tree.leaves(jax.device_get(sparams)), jax.tree.leaves(params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
