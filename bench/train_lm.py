@@ -4,9 +4,10 @@ A decoder-only transformer (Flax linen) on the help topics that ship with Python
 (``pydoc_data.topics``, ~0.47 MB of English): attention is :func:`softjax.dot_product_attention`
 (causal, packed sequences separated by ``segment_ids``), the output layer is tied to the input
 embedding and trained with :func:`softjax.linear_cross_entropy` (label smoothing and z-loss),
-optimised with optax. At the end it reports held-out bits per byte against the unigram baseline,
-a sample drawn with :func:`softjax.sample` (temperature and top-p), the expected calibration
-error before and after :func:`softjax.calibration.fit_temperature`, and writes a loss curve.
+optimised with optax. At the end it reports held-out bits per byte against the unigram and
+bigram baselines, a sample drawn with :func:`softjax.sample` (temperature and top-p), the
+expected calibration error before and after :func:`softjax.calibration.fit_temperature`, and
+writes a loss curve.
 
 Flags:
   ``--plain``    compare the step against ``jax.nn.dot_product_attention`` + ``x @ w.T`` + an
@@ -19,6 +20,15 @@ Flags:
 Why linen: ``init``/``apply`` give a plain parameter pytree and a pure function, which go into
 ``jax.shard_map`` (a pytree of ``PartitionSpec`` as ``in_specs``), ``jax.grad`` and optax as they
 are; NNX modules would have to be split into graph and state around every such boundary.
+
+Why ``shard_map`` around the loss, with ``jax.grad`` outside it: the vocabulary-parallel
+pieces (the embedding lookup and :func:`softjax.linear_cross_entropy` with
+``vocab_axis_name``) are written per device with explicit ``psum``/``pmax``, and differentiating
+the ``shard_map`` (``check_vma=True``) inserts the gradient reductions itself (the replicated
+trunk's gradients summed over ``data``, the embedding's kept sharded), so the optax update runs
+unchanged on sharded arrays under ``jit``. Only the embedding is split over ``model``; the trunk
+is replicated there (computed redundantly), which is enough to show the vocab-parallel loss
+and is where the memory goes at large vocabularies.
 
 Shape legend: B batch, T sequence length, N heads, H head dim, D hidden, V vocabulary (256).
 """
