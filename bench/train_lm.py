@@ -292,9 +292,8 @@ def hidden(cfg: Config, params, batch, vocab_axis=None):
 def loss_sum(cfg: Config, params, batch, vocab_axis=None):
     """Summed training loss (smoothing + z-loss) and the number of counted tokens."""
     h = hidden(cfg, params, batch, vocab_axis)
-    # Per-token losses (0 where not valid), summed here: "none" takes the streaming path on
-    # one device and on the mesh alike. (Under differentiation, reduction="sum"/"mean" with
-    # float32 weights takes the single-pass path, whose value comes out NaN in this version.)
+    # Per-token losses (0 where not valid), summed here: "none" takes the same streaming path
+    # on one device and on the mesh, so the sharded run reproduces the single-device losses.
     rows = softjax.linear_cross_entropy(
         h,
         params["embed"],
