@@ -63,15 +63,32 @@ class RowStats(NamedTuple):
         return self.shift + self.log_norm
 
 
-def row_stats(z: jax.Array) -> RowStats:
-    """Max shift and ``log(sum(exp(z - shift)))`` of the compute-dtype logits ``z``."""
+def row_stats(z: jax.Array, recomputed: bool = False) -> RowStats:
+    """Max shift and ``log(sum(exp(z - shift)))`` of the compute-dtype logits ``z``.
+
+    ``recomputed=True`` when ``z`` is an expression of the input (the soft-capped logits)
+    rather than the input itself: XLA may then evaluate it to results an ulp apart in the
+    max's fusion and in the normaliser's, which breaks the exact ``z == max`` tests of
+    :func:`softjax._numerics.log_normalizer`. The plain ``log(sum(exp(z - shift)))`` is used
+    there instead (it only loses the relative accuracy of a loss below ~1e-7, which
+    soft-capped logits rarely reach).
+    """
     s = nx.shift_rows(z, (z.ndim - 1,), None)
+    if recomputed:
+        log_norm = jnp.log(jnp.sum(jnp.exp(z - s.shift), axis=-1, keepdims=True))
+        return RowStats(s.shift, jnp.where(s.empty, 0.0, log_norm))
     return RowStats(s.shift, nx.log_normalizer(s.x, s.shift, (z.ndim - 1,)))
 
 
 def neg_log_probs(z: jax.Array, stats: RowStats) -> jax.Array:
-    """``-log_softmax(z)`` from the row statistics, ``>= 0`` and without cancellation."""
-    return -nx.minus_compensated(z, *nx.two_sum(stats.shift, stats.log_norm))
+    """``-log_softmax(z) = (shift - z) + log_norm`` from the row statistics, ``>= 0``.
+
+    Both terms are non-negative, so nothing cancels: one or two roundings of the result.
+    (No TwoSum here: ``z`` may be a recomputed expression, such as the soft-capped logits,
+    that XLA is free to evaluate in more than one fusion, which an error-free
+    transformation cannot survive.)
+    """
+    return (stats.shift - z) + stats.log_norm
 
 
 def probs(z: jax.Array, stats: RowStats) -> jax.Array:
@@ -122,8 +139,13 @@ def row_losses(z, labels, terms: LabelTerms, class_weight, stats: RowStats, smoo
     n_y = neg_log_probs(z_y, stats)[..., 0]  # from the target logit alone: no [..., C] pass
     smooth = jnp.zeros_like(n_y)
     if smoothing:
-        n = neg_log_probs(z, stats)
-        smooth = jnp.sum(n if class_weight is None else n * class_weight, axis=-1)
+        # sum_c w_c (shift - z_c) + sum(w) * log_norm: non-negative terms, and the per-row
+        # log_norm stays out of the reduction (XLA:CPU miscompiled that broadcast inside a
+        # reduction over a recomputed soft-capped z).
+        gap = stats.shift - z
+        w_sum = z.shape[-1] if class_weight is None else jnp.sum(class_weight)
+        smooth = jnp.sum(gap if class_weight is None else gap * class_weight, axis=-1)
+        smooth = smooth + w_sum * stats.log_norm[..., 0]
     return combine_row_terms(terms, n_y, smooth, stats.lse[..., 0])
 
 
@@ -199,7 +221,7 @@ def _int_label_losses(logits, labels, valid, class_weight, opts: Options, smooth
 
 def _int_label_fwd(logits, labels, valid, class_weight, opts, smoothing):
     z = softcap(nx.upcast(logits), opts.softcap)
-    stats = row_stats(z)
+    stats = row_stats(z, recomputed=opts.softcap is not None)
     terms = label_terms(
         labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
     )
@@ -249,7 +271,7 @@ def _soft_label_losses(logits, labels, valid, class_weight, opts: Options):
 
 def _soft_label_fwd(logits, labels, valid, class_weight, opts):
     z = softcap(nx.upcast(logits), opts.softcap)
-    stats = row_stats(z)
+    stats = row_stats(z, recomputed=opts.softcap is not None)
     y = _soft_targets(nx.upcast(labels), opts, z.shape[-1])
     wy = y if class_weight is None else y * class_weight
     n = neg_log_probs(z, stats)
