@@ -81,14 +81,8 @@ def row_stats(z: jax.Array, recomputed: bool = False) -> RowStats:
 
 
 def neg_log_probs(z: jax.Array, stats: RowStats) -> jax.Array:
-    """``-log_softmax(z) = (shift - z) + log_norm`` from the row statistics, ``>= 0``.
-
-    Both terms are non-negative, so nothing cancels: one or two roundings of the result.
-    (No TwoSum here: ``z`` may be a recomputed expression, such as the soft-capped logits,
-    that XLA is free to evaluate in more than one fusion, which an error-free
-    transformation cannot survive.)
-    """
-    return (stats.shift - z) + stats.log_norm
+    """``-log_softmax(z)`` from the row statistics, ``>= 0`` and without cancellation."""
+    return -nx.minus_compensated(z, *nx.two_sum(stats.shift, stats.log_norm))
 
 
 def probs(z: jax.Array, stats: RowStats) -> jax.Array:
@@ -139,13 +133,8 @@ def row_losses(z, labels, terms: LabelTerms, class_weight, stats: RowStats, smoo
     n_y = neg_log_probs(z_y, stats)[..., 0]  # from the target logit alone: no [..., C] pass
     smooth = jnp.zeros_like(n_y)
     if smoothing:
-        # sum_c w_c (shift - z_c) + sum(w) * log_norm: non-negative terms, and the per-row
-        # log_norm stays out of the reduction (XLA:CPU miscompiled that broadcast inside a
-        # reduction over a recomputed soft-capped z).
-        gap = stats.shift - z
-        w_sum = z.shape[-1] if class_weight is None else jnp.sum(class_weight)
-        smooth = jnp.sum(gap if class_weight is None else gap * class_weight, axis=-1)
-        smooth = smooth + w_sum * stats.log_norm[..., 0]
+        n = neg_log_probs(z, stats)
+        smooth = jnp.sum(n if class_weight is None else n * class_weight, axis=-1)
     return combine_row_terms(terms, n_y, smooth, stats.lse[..., 0])
 
 
