@@ -27,7 +27,7 @@ def _prepare(x, axis: Axis, where):
     return x, axes, _checks.mask(where, x.shape)
 
 
-def _tempered_tangent(x, where, t, axes, x_dot, t_dot, shifted):
+def _tempered_tangent(t, x_dot, t_dot, shifted):
     """The tangent of the tempered logits ``x / T`` (up to a per-row constant).
 
     ``d(x / T) = (dx - (x / T) dT) / T``; softmax is shift invariant, so the shifted
@@ -67,7 +67,7 @@ def _softmax_jvp(axes, primals, tangents):
     x, where, t = primals
     x_dot, _, t_dot = tangents
     p, shifted = _softmax_value(x, where, t, axes)
-    dz = _tempered_tangent(x, where, _compute_t(t, x.dtype), axes, x_dot, t_dot, shifted)
+    dz = _tempered_tangent(_compute_t(t, x.dtype), x_dot, t_dot, shifted)
     # dz is finite everywhere (masked and -inf entries included), so p * dz is exactly 0
     # where p is; the only residual is p itself.
     dp = p * (dz - jnp.sum(p * dz, axis=axes, keepdims=True))
@@ -140,7 +140,7 @@ def _log_softmax_jvp(axes, primals, tangents):
     x, where, t = primals
     x_dot, _, t_dot = tangents
     logp, shifted = _log_softmax_value(x, where, t, axes)
-    dz = _tempered_tangent(x, where, _compute_t(t, x.dtype), axes, x_dot, t_dot, shifted)
+    dz = _tempered_tangent(_compute_t(t, x.dtype), x_dot, t_dot, shifted)
     p = jnp.exp(logp)
     # Entries at -inf (masked, or -inf logits) are constant: their tangent is 0.
     dz = jnp.where(logp == -jnp.inf, 0.0, dz)
