@@ -33,16 +33,92 @@ def integer(x, name: str) -> jax.Array:
     return x
 
 
+# Class indices are int32 inside softjax: an index computed in a narrower dtype (a uint8
+# label against 300 classes) wraps around.
+_INT32 = np.iinfo(np.int32)
+
+
+def class_labels(x, name: str = "labels") -> jax.Array:
+    """Integer class indices of any integer dtype as int32, saturating.
+
+    Values beyond the int32 range (uint32, int64) become its bounds, which lie outside any
+    vocabulary, so they stay out of range (and loud) rather than wrapping onto a class.
+    """
+    x = integer(x, name)
+    if x.dtype == jnp.int32:
+        return x
+    info = np.iinfo(x.dtype)
+    if info.min < _INT32.min or info.max > _INT32.max:
+        x = jnp.clip(x, max(info.min, _INT32.min), min(info.max, _INT32.max))
+    return x.astype(jnp.int32)
+
+
+def ignore_index(value) -> int | None:
+    """``ignore_index`` as a Python int in the int32 range of :func:`class_labels`, or None."""
+    if value is None:
+        return None
+    value = number(value, "ignore_index", integral=True)
+    if not _INT32.min <= value <= _INT32.max:
+        raise ValueError(f"ignore_index must be within the int32 range, got {value}")
+    return value
+
+
+def number(value, name: str, *, integral: bool = False):
+    """A concrete real scalar (Python, NumPy or a 0-d JAX array) as a Python number.
+
+    ``integral=True`` asks for an integer (an integer dtype, or a Python int). Raises
+    ``TypeError`` naming ``name`` for anything else (bools, strings, arrays, tracers).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    v = concrete_value(value) if not isinstance(value, (int, float)) else np.asarray(value)
+    if (
+        v is None
+        or v.ndim != 0
+        or not (np.issubdtype(v.dtype, np.integer) or np.issubdtype(v.dtype, np.floating))
+    ):
+        raise TypeError(f"{name} must be a concrete number, got {value!r}")
+    if integral:
+        if not np.issubdtype(v.dtype, np.integer):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        return int(v)
+    return float(v)
+
+
+def softcap(value, name: str = "logit_softcap"):
+    """``logit_softcap`` checked: None for None or ``+inf`` (no cap), else ``value`` itself.
+
+    A concrete cap must be > 0 (``+inf`` means no cap: ``c tanh(x / c) -> x``); a traced
+    one passes unchecked, and must be finite.
+    """
+    if value is None:
+        return None
+    v = concrete_value(value)
+    if v is not None:
+        if v.ndim != 0 or not (np.issubdtype(v.dtype, np.number) and not np.iscomplexobj(v)):
+            raise TypeError(f"{name} must be a number > 0 or None, got {value!r}")
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0, got {_short(v)}")
+        if np.isposinf(v):
+            return None
+    return value
+
+
 def normalize_axes(axis: int | Sequence[int] | None, ndim: int, name: str = "axis") -> tuple:
     """``axis`` (int, tuple of ints or None for all) as a sorted tuple of non-negative ints."""
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if isinstance(axis, (int, np.integer)):
+        axes = (axis,)
+    elif isinstance(axis, (tuple, list)):
+        axes = tuple(axis)
+    else:
+        raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}")
     if not axes:
         raise ValueError(f"{name} must name at least one axis, got {axis!r}")
     out = []
     for a in axes:
-        if not isinstance(a, (int, np.integer)):
+        if not isinstance(a, (int, np.integer)) or isinstance(a, (bool, np.bool_)):
             raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}")
         if not -ndim <= a < ndim:
             raise ValueError(f"{name}={axis!r} is out of range for an array of rank {ndim}")
@@ -65,6 +141,14 @@ def mask(where, shape: tuple, name: str = "where") -> jax.Array | None:
         raise ValueError(
             f"{name} has shape {where.shape}, which does not broadcast to {shape}"
         ) from None
+
+
+def has_classes(num_classes: int, name: str, shape: tuple, axis) -> None:
+    """Raises ValueError when the class axis is empty: no class, no label can be right."""
+    if num_classes == 0:
+        raise ValueError(
+            f"{name} has shape {shape}, with no class along axis {axis}: at least one is needed"
+        )
 
 
 def concrete_value(x):

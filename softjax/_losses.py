@@ -32,19 +32,6 @@ class Options(NamedTuple):
     softcap: jax.Array | None  # c in c * tanh(logits / c), or None
 
 
-def softcap(logits: jax.Array, cap) -> jax.Array:
-    """``cap * tanh(logits / cap)`` (Gemma 2), or ``logits`` when ``cap`` is None."""
-    return logits if cap is None else cap * jnp.tanh(logits / cap)
-
-
-def softcap_grad(logits: jax.Array, cap, grad: jax.Array) -> jax.Array:
-    """Chains ``grad`` (with respect to the capped logits) through :func:`softcap`."""
-    if cap is None:
-        return grad
-    t = jnp.tanh(logits / cap)
-    return grad * (1 - t * t)
-
-
 # ---------------------------------------------------------------------------------------
 # Per-row terms shared with the vocabulary-scale loss.
 
@@ -52,32 +39,42 @@ def softcap_grad(logits: jax.Array, cap, grad: jax.Array) -> jax.Array:
 class RowStats(NamedTuple):
     """Per-row statistics of the (capped) logits over the class axis (last axis, kept).
 
-    ``logsumexp == shift + log_norm``; kept apart so that ``logits - shift`` stays exact.
+    ``lse == shift + log_norm`` is the logsumexp of the effective logits (see
+    :func:`row_stats`); kept apart so that ``logits - shift`` stays exact. ``offset`` is
+    ``+inf`` for a row holding a ``+inf`` logit (0 elsewhere): its true logsumexp is
+    ``lse + offset``.
     """
 
     shift: jax.Array
     log_norm: jax.Array
+    offset: jax.Array | float = 0.0
 
     @property
     def lse(self) -> jax.Array:
         return self.shift + self.log_norm
 
 
-def row_stats(z: jax.Array, recomputed: bool = False) -> RowStats:
-    """Max shift and ``log(sum(exp(z - shift)))`` of the compute-dtype logits ``z``.
+def row_stats(z: jax.Array, cap) -> tuple[jax.Array, RowStats]:
+    """The effective logits and the :class:`RowStats` of compute-dtype logits ``z``.
 
-    ``recomputed=True`` when ``z`` is an expression of the input (the soft-capped logits)
-    rather than the input itself: XLA may then evaluate it to results an ulp apart in the
-    max's fusion and in the normaliser's, which breaks the exact ``z == max`` tests of
-    :func:`softjax._numerics.log_normalizer`. The plain ``log(sum(exp(z - shift)))`` is used
-    there instead (it only loses the relative accuracy of a loss below ~1e-7, which
+    ``cap`` is the soft-cap ``z`` was computed with (None: the raw logits); it is required
+    so that no caller can get the following wrong. Soft-capped logits are an expression of
+    the input, and XLA may evaluate it to results an ulp apart in the max's fusion and in
+    the normaliser's, which breaks the exact ``z == max`` tests of
+    :func:`softjax._numerics.log_normalizer`: the plain ``log(sum(exp(z - shift)))`` is used
+    for them instead (it only loses the relative accuracy of a loss below ~1e-7, which
     soft-capped logits rarely reach).
+
+    The effective logits equal ``z`` except in a row holding ``+inf``, which becomes the
+    indicator of its ``+inf`` entries (``softjax._numerics``, rule 5).
     """
     s = nx.shift_rows(z, (z.ndim - 1,), None)
-    if recomputed:
-        log_norm = jnp.log(jnp.sum(jnp.exp(z - s.shift), axis=-1, keepdims=True))
-        return RowStats(s.shift, jnp.where(s.empty, 0.0, log_norm))
-    return RowStats(s.shift, nx.log_normalizer(s.x, s.shift, (z.ndim - 1,)))
+    if cap is not None:
+        log_norm = jnp.log(jnp.sum(jnp.exp(s.x - s.shift), axis=-1, keepdims=True))
+        log_norm = jnp.where(s.empty, 0.0, log_norm)
+    else:
+        log_norm = nx.log_normalizer(s.x, s.shift, (z.ndim - 1,))
+    return s.x, RowStats(s.shift, log_norm, s.offset)
 
 
 def neg_log_probs(z: jax.Array, stats: RowStats) -> jax.Array:
@@ -135,7 +132,7 @@ def row_losses(z, labels, terms: LabelTerms, class_weight, stats: RowStats, smoo
     if smoothing:
         n = neg_log_probs(z, stats)
         smooth = jnp.sum(n if class_weight is None else n * class_weight, axis=-1)
-    return combine_row_terms(terms, n_y, smooth, stats.lse[..., 0])
+    return combine_row_terms(terms, n_y, smooth, (stats.lse + stats.offset)[..., 0])
 
 
 def combine_row_terms(terms: LabelTerms, n_y, smooth, lse):
@@ -156,7 +153,7 @@ def row_loss_grads(z, labels, terms: LabelTerms, class_weight, stats: RowStats, 
     """
     p = probs(z, stats)
     w_sum = z.shape[-1] if class_weight is None else jnp.sum(class_weight)
-    coefs = grad_coefs(terms, w_sum, stats.lse[..., 0], g)
+    coefs = grad_coefs(terms, w_sum, (stats.lse + stats.offset)[..., 0], g)
     classes = jax.lax.broadcasted_iota(labels.dtype, z.shape, z.ndim - 1)
     return logit_grads(p, classes == labels[..., None], coefs, class_weight)
 
@@ -203,46 +200,50 @@ def _safe_index(labels, num_classes):
 # Integer labels
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5,))
+# Both label kinds differentiate by a custom JVP that is linear in the logits' tangent,
+# ``d loss = sum_c G_c d logits_c`` with ``G`` the gradient of :func:`row_loss_grads`:
+# forward mode is that product, and reverse mode its transpose ``ct * G``, which XLA fuses
+# with the computation of ``G`` under ``jit`` (one pass over the logits). The class weights
+# and the scalar options are constants (zero tangent).
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _int_label_losses(logits, labels, valid, class_weight, opts: Options, smoothing: bool):
-    return _int_label_fwd(logits, labels, valid, class_weight, opts, smoothing)[0]
+    return _int_label_parts(logits, labels, valid, class_weight, opts, smoothing)[0]
 
 
-def _int_label_fwd(logits, labels, valid, class_weight, opts, smoothing):
-    z = softcap(nx.upcast(logits), opts.softcap)
-    stats = row_stats(z, recomputed=opts.softcap is not None)
+def _int_label_parts(logits, labels, valid, class_weight, opts, smoothing):
+    """Per-row losses, and what their gradient needs: effective logits, stats, terms."""
+    z, stats = row_stats(nx.softcap(nx.upcast(logits), opts.softcap), opts.softcap)
     terms = label_terms(
         labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
     )
     # Excluded rows contribute exactly 0, whatever their logits hold (NaN included).
     out = jnp.where(valid, row_losses(z, labels, terms, class_weight, stats, smoothing), 0.0)
-    return out, (logits, labels, valid, class_weight, opts, stats)
+    return out, z, stats, terms
 
 
-def _int_label_bwd(smoothing, res, g):
-    logits, labels, valid, class_weight, opts, stats = res
-    z = softcap(nx.upcast(logits), opts.softcap)
-    terms = label_terms(
-        labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
-    )
-    grad = row_loss_grads(z, labels, terms, class_weight, stats, g)
-    grad = softcap_grad(nx.upcast(logits), opts.softcap, grad)
-    # Excluded rows get exactly zero gradient, whatever their logits hold.
-    grad = jnp.where(valid[..., None], grad, 0.0).astype(logits.dtype)
-    return grad, None, None, _zeros_or_none(class_weight), jax.tree.map(jnp.zeros_like, opts)
+@_int_label_losses.defjvp
+def _int_label_jvp(smoothing, primals, tangents):
+    logits, labels, valid, class_weight, opts = primals
+    out, z, stats, terms = _int_label_parts(logits, labels, valid, class_weight, opts, smoothing)
+    ones = jnp.ones(out.shape, out.dtype)
+    grad = row_loss_grads(z, labels, terms, class_weight, stats, ones)
+    return out, _logits_tangent(logits, opts, valid, grad, tangents[0])
 
 
-_int_label_losses.defvjp(_int_label_fwd, _int_label_bwd)
+def _logits_tangent(logits, opts, valid, grad_z, logits_dot):
+    """``sum_c (d loss / d logits_c) * logits_dot_c`` per row, from ``d loss / d z``."""
+    grad = nx.softcap_grad(nx.upcast(logits), opts.softcap, grad_z)
+    # Excluded rows have exactly zero gradient, whatever their logits hold.
+    grad = jnp.where(valid[..., None], grad, 0.0)
+    return jnp.sum(grad * nx.upcast(logits_dot), axis=-1)
 
 
 def _label_weight(class_weight, labels, dtype):
     if class_weight is None:
         return jnp.ones(labels.shape, dtype)
     return class_weight[_safe_index(labels, class_weight.shape[0])]
-
-
-def _zeros_or_none(x):
-    return None if x is None else jnp.zeros_like(x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,51 +254,38 @@ def _soft_targets(labels, opts, num_classes):
     return labels * (1 - opts.smoothing) + opts.smoothing / num_classes
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _soft_label_losses(logits, labels, valid, class_weight, opts: Options):
-    return _soft_label_fwd(logits, labels, valid, class_weight, opts)[0]
+    return _soft_label_parts(logits, labels, valid, class_weight, opts)[0]
 
 
-def _soft_label_fwd(logits, labels, valid, class_weight, opts):
-    z = softcap(nx.upcast(logits), opts.softcap)
-    stats = row_stats(z, recomputed=opts.softcap is not None)
+def _soft_label_parts(logits, labels, valid, class_weight, opts):
+    """Per-row losses, weighted targets ``w_c y_c``, ``-log p`` and the row statistics."""
+    z, stats = row_stats(nx.softcap(nx.upcast(logits), opts.softcap), opts.softcap)
     y = _soft_targets(nx.upcast(labels), opts, z.shape[-1])
     wy = y if class_weight is None else y * class_weight
     n = neg_log_probs(z, stats)
     # 0 * log(0) = 0: a class with no target mass contributes nothing, even at -inf.
     loss = jnp.sum(jnp.where(wy == 0, 0.0, wy * n), axis=-1)
-    lse = stats.lse[..., 0]
+    lse = (stats.lse + stats.offset)[..., 0]
     loss = loss + jnp.where(opts.z_loss == 0, 0.0, opts.z_loss * lse * lse)
-    loss = jnp.where(valid, loss, 0.0)
-    return loss, (logits, labels, valid, class_weight, opts, stats)
+    return jnp.where(valid, loss, 0.0), z, stats, wy, n
 
 
-def _soft_label_bwd(res, g):
-    logits, labels, valid, class_weight, opts, stats = res
-    z = softcap(nx.upcast(logits), opts.softcap)
-    y = _soft_targets(nx.upcast(labels), opts, z.shape[-1])
-    wy = y if class_weight is None else y * class_weight
-    g = jnp.where(valid, g, 0.0)
-    lse = stats.lse[..., 0]
+@_soft_label_losses.defjvp
+def _soft_label_jvp(primals, tangents):
+    logits, labels, valid, class_weight, opts = primals
+    logits_dot, labels_dot = tangents[:2]
+    out, z, stats, wy, n = _soft_label_parts(logits, labels, valid, class_weight, opts)
+    lse = (stats.lse + stats.offset)[..., 0]
     p_coef = jnp.sum(wy, axis=-1) + jnp.where(opts.z_loss == 0, 0.0, 2 * opts.z_loss * lse)
-    grad_z = (nx.zero_where_prob_zero(probs(z, stats), p_coef[..., None]) - wy) * g[..., None]
-    grad_logits = softcap_grad(nx.upcast(logits), opts.softcap, grad_z)
-    grad_logits = jnp.where(valid[..., None], grad_logits, 0.0).astype(logits.dtype)
+    grad_z = nx.zero_where_prob_zero(probs(z, stats), p_coef[..., None]) - wy
+    out_dot = _logits_tangent(logits, opts, valid, grad_z, logits_dot)
     # d loss / d y_c = (1 - a) * w_c * (-log p_c)
     w = 1.0 if class_weight is None else class_weight
-    n = neg_log_probs(z, stats)
-    grad_labels = (1 - opts.smoothing) * w * jnp.where(valid[..., None], n, 0.0) * g[..., None]
-    grad_labels = grad_labels.astype(labels.dtype)
-    return (
-        grad_logits,
-        grad_labels,
-        None,
-        _zeros_or_none(class_weight),
-        jax.tree.map(jnp.zeros_like, opts),
-    )
-
-
-_soft_label_losses.defvjp(_soft_label_fwd, _soft_label_bwd)
+    d_labels = (1 - opts.smoothing) * w * jnp.where(valid[..., None], n, 0.0)
+    out_dot = out_dot + jnp.sum(d_labels * nx.upcast(labels_dot), axis=-1)
+    return out, out_dot
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,8 +305,7 @@ def check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
     _checks.reduction(reduction)
     _checks.unit_interval(label_smoothing, "label_smoothing")
     _checks.non_negative(z_loss, "z_loss")
-    if logit_softcap is not None:
-        _checks.positive(logit_softcap, "logit_softcap")
+    logit_softcap = _checks.softcap(logit_softcap)
     cast = lambda v: jnp.asarray(v, dtype)  # noqa: E731
     return Options(
         cast(label_smoothing), cast(z_loss), None if logit_softcap is None else cast(logit_softcap)
@@ -326,14 +313,17 @@ def check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
 
 
 def check_int_labels(labels, batch_shape: tuple, logits_desc: str):
-    """``labels`` must be integer with the ``batch_shape`` (logits without the class axis)."""
+    """``labels`` must be integer with the ``batch_shape`` (logits without the class axis).
+
+    Returns them as int32 (:func:`softjax._checks.class_labels`), whatever their dtype.
+    """
     labels = jnp.asarray(labels)
     if jnp.issubdtype(labels.dtype, jnp.floating):
         raise ValueError(
             f"labels has floating dtype {labels.dtype} and shape {labels.shape}: class "
             f"probabilities must have the shape of {logits_desc}"
         )
-    labels = _checks.integer(labels, "labels")
+    labels = _checks.class_labels(labels, "labels")
     if labels.shape != batch_shape:
         raise ValueError(
             f"labels has shape {labels.shape} but {logits_desc} has shape {batch_shape}"
@@ -396,6 +386,7 @@ def cross_entropy(
     (axis,) = _checks.normalize_axes(axis, logits.ndim)
     logits = jnp.moveaxis(logits, axis, -1)
     num_classes = logits.shape[-1]
+    _checks.has_classes(num_classes, "logits", jnp.moveaxis(logits, -1, axis).shape, given_axis)
     batch_shape = logits.shape[:-1]
     dtype = nx.compute_dtype(logits.dtype)
     opts = check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
@@ -417,6 +408,7 @@ def cross_entropy(
         return reduce_losses(losses, jnp.sum(valid, dtype=dtype), reduction)
     desc = f"logits {jnp.moveaxis(logits, -1, axis).shape} without axis {given_axis}"
     labels_arr = check_int_labels(labels_arr, batch_shape, desc)
+    ignore_index = _checks.ignore_index(ignore_index)
     if ignore_index is not None:
         valid = valid & (labels_arr != ignore_index)
     # A concrete zero smoothing skips the smoothing pass entirely (the common case).
@@ -474,10 +466,11 @@ def binary_cross_entropy(
     if valid is not None:
         x = jnp.where(valid, x, 0.0)
     t = targets.astype(dtype) * (1 - label_smoothing) + label_smoothing / 2
-    pos = t * jax.nn.log_sigmoid(x)
+    # 0 * log(0) = 0: an infinite logit on the side its target excludes costs nothing.
+    pos = nx.zero_where_prob_zero(t, jax.nn.log_sigmoid(x))
     if pos_weight is not None:
         pos = pos * _broadcastable(pos_weight, logits.shape, "pos_weight", dtype)
-    loss = -(pos + (1 - t) * jax.nn.log_sigmoid(-x))
+    loss = -(pos + nx.zero_where_prob_zero(1 - t, jax.nn.log_sigmoid(-x)))
     if weight is not None:
         loss = loss * _broadcastable(weight, logits.shape, "weight", dtype)
     count = np.prod(logits.shape, dtype=np.int64)

@@ -15,10 +15,15 @@ the one place where they are spelled out:
    difference is therefore computed as an unevaluated sum ``hi + lo`` (Knuth's TwoSum, and
    an exact product for the temperature division), and ``exp(hi + lo)`` is evaluated as
    ``exp(hi) * (1 + lo)``.
-4. **Empty rows.** A row with no valid entry (all masked, or all ``-inf``) has maximum
-   ``-inf``; its shift is replaced by 0 so that nothing computes ``-inf - -inf``, and its
-   normaliser is handled explicitly by the callers (probabilities 0, log-probabilities and
-   logsumexp ``-inf``, zero gradients).
+4. **Empty rows.** A row with no valid entry (all masked, all ``-inf``, or a zero-size
+   axis) has maximum ``-inf``; its shift is replaced by 0 so that nothing computes
+   ``-inf - -inf``, and its normaliser is handled explicitly by the callers (probabilities
+   0, log-probabilities and logsumexp ``-inf``, zero gradients).
+5. **Rows holding ``+inf``.** ``exp(+inf)`` dominates every finite term, so such a row is
+   the limit of its ``+inf`` entries growing together: they share the mass equally, every
+   finite entry gets probability 0, and the logsumexp is ``+inf``. The row is replaced by
+   the indicator of its ``+inf`` entries (0 there, ``-inf`` elsewhere) and ``+inf`` is
+   added back to its logsumexp (:attr:`Shifted.offset`).
 
 NaN inputs are never hidden: a NaN makes its row's maximum NaN, which flows into every
 output of that row and no other.
@@ -47,6 +52,48 @@ def compute_dtype(dtype) -> np.dtype:
 def upcast(x: jax.Array) -> jax.Array:
     """``x`` in its compute dtype (see :func:`compute_dtype`)."""
     return x.astype(compute_dtype(x.dtype))
+
+
+def row_max(x: jax.Array, axes: Axes) -> jax.Array:
+    """The maximum over ``axes``, dims kept; ``-inf`` along a zero-size axis.
+
+    ``lax.reduce_max`` rather than ``jnp.max``: the latter refuses zero-size reductions,
+    where the maximum of nothing is the identity ``-inf`` (an empty row).
+    """
+    return jnp.expand_dims(lax.reduce_max(x, axes), axes)
+
+
+def flush_temperature(t: jax.Array) -> jax.Array:
+    """``t`` with values below the smallest normal number of its dtype flushed to 0.
+
+    A temperature that is subnormal (which XLA may or may not flush itself) or that rounds
+    to 0 in the compute dtype means the limit ``T -> 0+``, on every backend alike: the
+    maximal entries of a row keep ``(x - max) / T = 0``, the others become ``-inf``.
+    """
+    return jnp.where(t < jnp.finfo(t.dtype).tiny, jnp.zeros_like(t), t)
+
+
+def saturate_infinite_rows(x: jax.Array, infinite: jax.Array) -> jax.Array:
+    """Rows flagged ``infinite`` (holding ``+inf``) as the indicator of their ``+inf`` entries.
+
+    0 at ``+inf`` entries and ``-inf`` elsewhere: the limit of the row's softmax as its
+    ``+inf`` entries grow together (they share the mass equally).
+    """
+    indicator = jnp.where(x == jnp.inf, 0.0, -jnp.inf).astype(x.dtype)
+    return jnp.where(infinite, indicator, x)
+
+
+def softcap(logits: jax.Array, cap) -> jax.Array:
+    """``cap * tanh(logits / cap)`` (Gemma 2), or ``logits`` when ``cap`` is None."""
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def softcap_grad(logits: jax.Array, cap, grad: jax.Array) -> jax.Array:
+    """Chains ``grad`` (with respect to the capped logits) through :func:`softcap`."""
+    if cap is None:
+        return grad
+    t = jnp.tanh(logits / cap)
+    return grad * (1 - t * t)
 
 
 def mask_invalid(x: jax.Array, where: jax.Array | None) -> jax.Array:
@@ -88,7 +135,8 @@ def divide_compensated(hi: jax.Array, lo: jax.Array, t: jax.Array) -> tuple[jax.
     half-width splits (each partial product is exact, so contraction into FMAs cannot change
     it), then divided by ``t`` as a first-order correction.
     """
-    q = hi / t
+    # 0 / t is 0 for every t >= 0: the limit t -> 0 included (a row's maximal entries).
+    q = jnp.where(hi == 0, jnp.zeros_like(hi), hi / t)
     q_hi, q_lo = _split(q)
     t_hi, t_lo = _split(jnp.broadcast_to(t, q.shape).astype(q.dtype))
     remainder = (((hi - q_hi * t_hi) - q_hi * t_lo) - q_lo * t_hi) - q_lo * t_lo
@@ -100,7 +148,9 @@ class Shifted(NamedTuple):
     """The shifted, tempered logits of a row, ``(x - max) / T == hi + lo`` (``hi <= 0``).
 
     ``shift`` is the row maximum of the untempered (masked) input ``x``, 0 for empty rows.
-    ``empty`` is True for rows with no valid entry.
+    ``empty`` is True for rows with no valid entry. ``x`` is the masked input, with a row
+    holding ``+inf`` replaced by the indicator of its ``+inf`` entries; ``offset`` is
+    ``+inf`` for such a row (0 elsewhere), to be added to its logsumexp.
     """
 
     hi: jax.Array
@@ -108,27 +158,38 @@ class Shifted(NamedTuple):
     shift: jax.Array
     empty: jax.Array
     x: jax.Array
+    offset: jax.Array
 
 
 def shift_rows(x: jax.Array, axes: Axes, where: jax.Array | None, temperature=None) -> Shifted:
     """Masks, shifts and tempers ``x`` (already in its compute dtype) along ``axes``.
 
     ``temperature`` is None (meaning 1) or a positive array broadcastable to ``x`` with
-    size-1 reduced axes. Since ``T > 0`` the row maximum of ``x / T`` is ``max(x) / T``,
-    so the shift is taken on ``x`` itself and the division applied to the exact difference.
+    size-1 reduced axes (see :func:`flush_temperature`). Since ``T > 0`` the row maximum of
+    ``x / T`` is ``max(x) / T``, so the shift is taken on ``x`` itself and the division
+    applied to the exact difference.
     """
     x = mask_invalid(x, where)
-    raw_max = jnp.max(x, axis=axes, keepdims=True)
+    raw_max = row_max(x, axes)
+    infinite = raw_max == jnp.inf
+    x = saturate_infinite_rows(x, infinite)
     empty = raw_max == -jnp.inf
-    shift = lax.stop_gradient(jnp.where(empty, jnp.zeros_like(raw_max), raw_max))
+    shift = lax.stop_gradient(jnp.where(empty | infinite, jnp.zeros_like(raw_max), raw_max))
     hi, lo = two_sum(x, -shift)
     if temperature is not None:
+        # x - max overflows where the two are more than the largest float apart, though
+        # (x - max) / T may be finite: there, halve both (exactly) and the divisor with them.
+        overflow = jnp.isinf(hi) & jnp.isfinite(x)
+        half_hi, half_lo = two_sum(x * 0.5, -shift * 0.5)
+        hi, lo = jnp.where(overflow, half_hi, hi), jnp.where(overflow, half_lo, lo)
+        t = jnp.where(overflow, temperature * 0.5, temperature)
         # Divide only finite differences: -inf / T is -inf anyway, and its derivative with
         # respect to T (-inf * dT) would poison second derivatives through the mask.
         finite = jnp.isfinite(hi)
-        q, q_lo = divide_compensated(jnp.where(finite, hi, 0.0), lo, temperature)
+        q, q_lo = divide_compensated(jnp.where(finite, hi, 0.0), lo, t)
         hi, lo = jnp.where(finite, q, hi), q_lo
-    return Shifted(hi, lo, shift, lax.stop_gradient(empty), x)
+    offset = jnp.where(infinite, jnp.inf, 0.0).astype(x.dtype)
+    return Shifted(hi, lo, shift, lax.stop_gradient(empty), x, lax.stop_gradient(offset))
 
 
 def exp_compensated(hi: jax.Array, lo: jax.Array) -> jax.Array:
@@ -148,8 +209,10 @@ def compensated_sum(e: jax.Array, axes: Axes, partials: int = 512) -> jax.Array:
     """
     keep = [a for a in range(e.ndim) if a not in axes]
     lead = tuple(e.shape[a] for a in keep)
-    flat = jnp.transpose(e, keep + list(axes)).reshape(lead + (-1,))
-    n = flat.shape[-1]
+    n = math.prod(e.shape[a] for a in axes)
+    if n == 0:
+        return jnp.sum(e, axis=axes, keepdims=True)  # the empty sum, 0
+    flat = jnp.transpose(e, keep + list(axes)).reshape(lead + (n,))
     if n > partials:
         folds = -(-n // partials)
         flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, folds * partials - n)])
@@ -237,6 +300,18 @@ def minus_compensated(x: jax.Array, c_hi: jax.Array, c_lo: jax.Array) -> jax.Arr
     """
     s, err = two_sum(x, -c_hi)
     return s + (err - c_lo)
+
+
+def log_or_neg_inf(total: jax.Array, shift: jax.Array) -> jax.Array:
+    """``shift + log(total)`` for a sum of exponentials ``total >= 0``; ``-inf`` where it is 0.
+
+    The ``-inf`` of an empty row comes from ``log(0)`` itself (no infinite constant is
+    built, so ``jax.debug_infs`` only fires where the result holds one), and its
+    derivative is cut there, so that an empty row has zero gradient rather than NaN.
+    """
+    empty = total == 0
+    safe = shift + jnp.log(jnp.where(empty, jnp.ones_like(total), total))
+    return jnp.where(empty, lax.stop_gradient(jnp.log(total)), safe)
 
 
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:

@@ -40,7 +40,8 @@ def _tempered_tangent(t, x_dot, t_dot, shifted):
     if not isinstance(t_dot, SymbolicZero):
         dt = t_dot.astype(dz.dtype)
         dz = dz - jnp.where(jnp.isfinite(shifted.hi), shifted.hi + shifted.lo, 0.0) * dt
-    return dz / t
+    # T = 0 is the limit T -> 0+: piecewise constant in x and T, so its tangent is 0.
+    return nx.safe_divide(dz, t)
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,7 +55,10 @@ def _softmax_value(x, where, t, axes):
 
 
 def _compute_t(t, dtype):
-    return None if t is None else jnp.asarray(t).astype(nx.compute_dtype(dtype))
+    """The temperature in the compute dtype; below the normal range it is 0 (``T -> 0+``)."""
+    if t is None:
+        return None
+    return nx.flush_temperature(jnp.asarray(t).astype(nx.compute_dtype(dtype)))
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -68,8 +72,8 @@ def _softmax_jvp(axes, primals, tangents):
     x_dot, _, t_dot = tangents
     p, shifted = _softmax_value(x, where, t, axes)
     dz = _tempered_tangent(_compute_t(t, x.dtype), x_dot, t_dot, shifted)
-    # dz is finite everywhere (masked and -inf entries included), so p * dz is exactly 0
-    # where p is; the only residual is p itself.
+    # dz is finite everywhere (masked and -inf entries included, and T = 0), so p * dz is
+    # exactly 0 where p is; the only residual is p itself.
     dp = p * (dz - jnp.sum(p * dz, axis=axes, keepdims=True))
     return p.astype(x.dtype), dp.astype(x.dtype)
 
@@ -190,7 +194,7 @@ def logsumexp_with_probs(x, axes, where):
     s = nx.shift_rows(nx.upcast(x), axes, where)
     e = nx.exp_compensated(s.hi, s.lo)
     log_norm = nx.log_normalizer(s.x, s.shift, axes)
-    lse = jnp.where(s.empty, -jnp.inf, s.shift + log_norm)
+    lse = jnp.where(s.empty, -jnp.inf, s.shift + log_norm) + s.offset
     p = nx.safe_divide(e, nx.compensated_sum(e, axes))
     return lse, p
 

@@ -15,6 +15,7 @@ indicator (sparsemax) or ``g = sqrt(p)`` (entmax),
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -38,7 +39,7 @@ def _to_rows(x: jax.Array, axes: tuple):
     perm = keep + list(axes)
     moved = jnp.transpose(x, perm)
     lead = moved.shape[: len(keep)]
-    rows = moved.reshape(lead + (-1,))
+    rows = moved.reshape(lead + (math.prod(moved.shape[len(keep) :]),))
 
     def back(r):
         inv = [perm.index(a) for a in range(x.ndim)]
@@ -55,7 +56,12 @@ def _sorted_rows(x: jax.Array, where):
     ``valid_sorted`` marks the valid prefix.
     """
     z = nx.mask_invalid(nx.upcast(x), where)
-    m = jnp.max(z, axis=-1, keepdims=True)
+    m = nx.row_max(z, (z.ndim - 1,))
+    # A row holding +inf is the limit of its +inf entries growing together: they share the
+    # mass (softjax._numerics, rule 5).
+    infinite = m == jnp.inf
+    z = nx.saturate_infinite_rows(z, infinite)
+    m = jnp.where(infinite, 0.0, m)
     empty = m == -jnp.inf
     z = z - lax.stop_gradient(jnp.where(empty, 0.0, m))
     n_valid = jnp.sum(z > -jnp.inf, axis=-1, keepdims=True)

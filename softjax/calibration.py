@@ -52,7 +52,8 @@ def _prepare(logits, labels, where):
     logits = _checks.floating(logits, "logits")
     if logits.ndim == 0:
         raise ValueError("logits must have a class axis (the last), got a scalar")
-    labels = _checks.integer(labels, "labels")
+    _checks.has_classes(logits.shape[-1], "logits", logits.shape, -1)
+    labels = _checks.class_labels(labels, "labels")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"labels has shape {labels.shape} but logits {logits.shape} without axis -1 has "
@@ -61,6 +62,17 @@ def _prepare(logits, labels, where):
     where = _checks.mask(where, labels.shape)
     valid = jnp.ones(labels.shape, bool) if where is None else where
     return logits, labels, valid
+
+
+def _nan_if_bad_labels(result, labels, valid, num_classes: int):
+    """``result`` (any pytree), NaN throughout if a counted label is out of ``[0, V)``.
+
+    A label outside the classes is a bug in the data, as loud here as in the losses (jit
+    cannot raise on data values); -1 is not "the last class".
+    """
+    in_range = (labels >= 0) & (labels < num_classes)
+    bad = jnp.any(valid & ~in_range)
+    return jax.tree.map(lambda r: jnp.where(bad, jnp.nan, r).astype(r.dtype), result)
 
 
 def _n_bins(n_bins) -> int:
@@ -75,7 +87,7 @@ def _top_label(logits, labels):
     ``max softmax = exp(max - logsumexp)``; the prediction is the first maximal index.
     """
     x = nx.upcast(logits)
-    m = jnp.max(x, axis=-1, keepdims=True)
+    m = nx.row_max(x, (x.ndim - 1,))
     finite = m > -jnp.inf
     e = jnp.exp(x - jnp.where(finite, m, 0.0))
     conf = nx.safe_divide(jnp.ones_like(m), nx.compensated_sum(e, (x.ndim - 1,)))[..., 0]
@@ -106,7 +118,7 @@ def _bins(logits, labels, valid, n_bins: int):
     count = seg(w)
     sum_conf = seg(w * conf.reshape(-1))
     sum_acc = seg(w * correct.reshape(-1).astype(dtype))
-    return count, sum_conf, sum_acc
+    return _nan_if_bad_labels((count, sum_conf, sum_acc), labels, valid, logits.shape[-1])
 
 
 def bin_statistics(logits, labels, *, n_bins: int = 15, where=None):
@@ -114,7 +126,7 @@ def bin_statistics(logits, labels, *, n_bins: int = 15, where=None):
 
     Args:
       logits: ``[..., V]`` floating.
-      labels: ``[...]`` integer class indices.
+      labels: ``[...]`` integer class indices (NaN statistics for one outside ``[0, V)``).
       n_bins: number ``M`` of equal-width bins ``((m-1)/M, m/M]``.
       where: optional boolean ``[...]``; False samples are left out.
 
@@ -143,7 +155,8 @@ def expected_calibration_error(logits, labels, *, n_bins: int = 15, where=None) 
 
     Args:
       logits: ``[..., V]`` floating (any dtype; computed in float32).
-      labels: ``[...]`` integer class indices (a label out of range counts as wrong).
+      labels: ``[...]`` integer class indices, any integer dtype; a counted label outside
+        ``[0, V)`` makes the result NaN (loud, as in the losses).
       n_bins: number of bins ``M`` (static).
       where: optional boolean ``[...]``; False samples are left out of every count.
 
@@ -174,7 +187,7 @@ def maximum_calibration_error(logits, labels, *, n_bins: int = 15, where=None) -
     logits, labels, valid = _prepare(logits, labels, where)
     count, sum_conf, sum_acc = _bins(logits, labels, valid, _n_bins(n_bins))
     gap = nx.safe_divide(jnp.abs(sum_acc - sum_conf), count)
-    return jnp.max(jnp.where(count > 0, gap, 0.0))
+    return jnp.max(jnp.where(count == 0, 0.0, gap))  # NaN stays NaN
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,7 +256,8 @@ def fit_temperature(logits, labels, *, where=None, steps: int = 30) -> jax.Array
 
     Args:
       logits: ``[..., V]`` floating validation logits (computed in float32).
-      labels: ``[...]`` integer class indices.
+      labels: ``[...]`` integer class indices; a counted label outside ``[0, V)`` gives
+        ``T = NaN`` (loud, as in the losses).
       where: optional boolean ``[...]``; False samples are left out.
       steps: number of iterations (static); 30 reach float32 precision from ``T = 1``.
 
@@ -259,8 +273,10 @@ def fit_temperature(logits, labels, *, where=None, steps: int = 30) -> jax.Array
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     x = nx.upcast(logits).reshape(-1, logits.shape[-1])
     w = valid.reshape(-1).astype(x.dtype)
-    t = _fit(x, labels.reshape(-1), w, int(steps))
-    return jnp.where(jnp.sum(w) > 0, t, 1.0).astype(jnp.float32)
+    labels = labels.reshape(-1)
+    t = _fit(x, jnp.clip(labels, 0, x.shape[-1] - 1), w, int(steps))
+    t = jnp.where(jnp.sum(w) > 0, t, 1.0)
+    return _nan_if_bad_labels(t, labels, w > 0, x.shape[-1]).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------

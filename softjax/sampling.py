@@ -309,7 +309,8 @@ def filter_logits(
       Array([-0.6931472, -1.2039728,       -inf,       -inf], dtype=float32)
     """
     x, knobs = _prepare(logits, axis, temperature, top_k, top_p, min_p)
-    return jnp.moveaxis(_filter(x, knobs), -1, _checks.normalize_axes(axis, x.ndim)[0])
+    out = _filter(x, knobs) if x.shape[-1] else x  # an empty vocabulary stays empty
+    return jnp.moveaxis(out, -1, _checks.normalize_axes(axis, x.ndim)[0])
 
 
 def sample(
@@ -342,7 +343,8 @@ def sample(
 
     Returns:
       int32 token indices of the batch shape. A row with no finite logit (nothing can be
-      drawn) or holding a NaN gives ``-1`` (loud, never a silent token).
+      drawn, an empty vocabulary included) or holding a NaN gives ``-1`` (loud, never a
+      silent token).
 
     Example:
       >>> sample(jax.random.key(0), jnp.array([[1.0, 3.0, 3.0], [0.0, 0.0, 9.0]]),
@@ -350,6 +352,8 @@ def sample(
       Array([1, 2], dtype=int32)
     """
     x, knobs = _prepare(logits, axis, temperature, top_k, top_p, min_p)
+    if x.shape[-1] == 0:
+        return jnp.full(x.shape[:-1], -1, jnp.int32)  # an empty vocabulary: nothing to draw
     if _static_k(top_k) and 0 < top_k < x.shape[-1]:
         return _sample_candidates(
             key, x, knobs["temperature"], knobs["top_p"], knobs["min_p"], int(top_k)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .. import _numerics as nx
+
 
 class Spec(NamedTuple):
     """The static (hashable) description of an attention call's masking and scoring.
@@ -157,8 +159,7 @@ def scores(spec: Spec, q: jax.Array, k: jax.Array, bias_block) -> jax.Array:
         precision=lax.Precision.HIGHEST,
         preferred_element_type=q.dtype,
     ).reshape(b_, k_, tq, g_, sk)
-    if spec.softcap is not None:
-        s = spec.softcap * jnp.tanh(s / spec.softcap)
+    s = nx.softcap(s, spec.softcap)
     if bias_block is not None:
         s = s + bias_block
     return s

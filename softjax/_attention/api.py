@@ -69,9 +69,13 @@ def _lengths(x, name: str, batch: int):
 def _window(w) -> tuple[int, int] | None:
     if w is None:
         return None
-    pair = (w, w) if isinstance(w, (int, np.integer)) else tuple(w)
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
-        raise TypeError(f"local_window_size must be an int or a pair of ints, got {w!r}")
+    pair = (w, w) if not isinstance(w, (tuple, list)) else tuple(w)
+    try:
+        if len(pair) != 2:
+            raise TypeError
+        pair = tuple(_checks.number(v, "local_window_size", integral=True) for v in pair)
+    except TypeError:
+        raise TypeError(f"local_window_size must be an int or a pair of ints, got {w!r}") from None
     if min(pair) < 0:
         raise ValueError(f"local_window_size must be >= 0, got {w!r}")
     return int(pair[0]), int(pair[1])
@@ -236,11 +240,11 @@ def dot_product_attention(
     mask = _broadcastable(mask, "mask", target, "bool")
     if scale is None:
         scale = 1.0 / float(np.sqrt(h))
+    logit_softcap = _checks.softcap(logit_softcap)
     if logit_softcap is not None:
-        if not isinstance(logit_softcap, (int, float)) or not logit_softcap > 0:
-            raise ValueError(f"logit_softcap must be a number > 0, got {logit_softcap!r}")
-        logit_softcap = float(logit_softcap)
-    if not isinstance(dropout_rate, (int, float)) or not 0.0 <= dropout_rate < 1.0:
+        logit_softcap = _checks.number(logit_softcap, "logit_softcap")  # static: in the Spec
+    dropout_rate = _checks.number(dropout_rate, "dropout_rate")
+    if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
     seed = None
     if dropout_rate > 0:
@@ -249,10 +253,14 @@ def dot_product_attention(
         seed = jax.random.bits(dropout_rng, (2,), jnp.uint32)
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
+    block_q = _checks.number(block_q, "block_q", integral=True)
+    block_k = _checks.number(block_k, "block_k", integral=True)
     for name, x in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(x, int) or x < 8 or x % 8:
+        if x < 8 or x % 8:
             raise ValueError(f"{name} must be a positive multiple of 8, got {x!r}")
     which = _pick(implementation, t_len, s_len)
+    if t_len == 0 or s_len == 0:
+        which = "xla"  # nothing to stream: no query, or nothing to attend to (output 0)
     q_seg, kv_seg = _segments(segment_ids, b_, t_len, s_len)
 
     cdt = nx.compute_dtype(query.dtype)

@@ -32,12 +32,15 @@ def attention(spec: Spec, q, k, v, bias, masks: Masks) -> tuple[jax.Array, jax.A
     s_len = k.shape[2]
     s = scores(spec, q, k, bias)
     ok = block_mask(spec, masks, 0, t_, 0, s_len)
-    if ok is not None:
-        s = jnp.where(ok, s, -jnp.inf)
-    row_max = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    # An empty row has max -inf: shift by 0 instead, so exp gives 0 and never NaN.
-    shift = jnp.where(row_max == -jnp.inf, jnp.zeros_like(row_max), row_max)
-    p = jnp.exp(s - shift)
+    # Masked scores become the lowest finite number, not -inf, and exp never sees them:
+    # nothing here makes an infinity that the inputs do not hold (jax.debug_infs stays quiet).
+    lowest = float(jnp.finfo(s.dtype).min)
+    masked = s if ok is None else jnp.where(ok, s, lowest)
+    row_max = lax.stop_gradient(nx.row_max(masked, (4,)))
+    # An empty row (nothing attended, -inf scores, or S = 0) is shifted by 0, never by -inf.
+    shift = jnp.where(jnp.isfinite(row_max), row_max, jnp.zeros_like(row_max))
+    z = s - shift
+    p = jnp.exp(z if ok is None else jnp.where(ok, z, lowest))
     total = jnp.sum(p, axis=-1, keepdims=True)
     if spec.dropout_rate > 0:
         keep = dropout_keep(spec, masks.seed, s.shape, 0, 0)
@@ -50,6 +53,4 @@ def attention(spec: Spec, q, k, v, bias, masks: Masks) -> tuple[jax.Array, jax.A
         preferred_element_type=q.dtype,
     ).reshape(b_, k_, t_, g_, h)
     out = nx.safe_divide(acc, total)
-    empty = total == 0
-    lse = jnp.where(empty, -jnp.inf, shift + jnp.log(jnp.where(empty, 1.0, total)))
-    return out, lse[..., 0]
+    return out, nx.log_or_neg_inf(total, shift)[..., 0]

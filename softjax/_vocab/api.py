@@ -332,6 +332,7 @@ def linear_cross_entropy(
     class_weight = None if class_weight is None else class_weight.astype(dtype)
     valid = _checks.mask(where, batch_shape)
     valid = jnp.ones(batch_shape, bool) if valid is None else valid
+    ignore_index = _checks.ignore_index(ignore_index)
     if ignore_index is not None:
         valid = valid & (labels != ignore_index)
 

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .. import _losses
+from .. import _numerics as nx
 from . import xla
 
 
@@ -246,7 +247,7 @@ def _grad_block(x, w, cw, cap, labels, rows, cols, col_ok, row_ok):
     stats = _losses.RowStats(shift, log_norm)
     coefs = _losses.GradCoefs(prob, target, smooth)
     dz = _losses.logit_grads(_losses.probs(z, stats), cols == labels, coefs, cw)
-    dz = _losses.softcap_grad(raw, cap, dz)
+    dz = nx.softcap_grad(raw, cap, dz)
     return jnp.where(col_ok & row_ok & (ok > 0), dz, 0.0)
 
 

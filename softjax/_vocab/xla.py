@@ -74,7 +74,7 @@ def init_stats(n: int, dtype) -> Stats:
 def block_logits(x, w_blk, cap, dtype):
     """Raw logits ``x @ w_blk.T`` (accumulated in ``dtype``) and their softcapped values."""
     raw = lax.dot_general(x, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
-    return raw, _losses.softcap(raw, cap)
+    return raw, nx.softcap(raw, cap)
 
 
 def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
@@ -194,7 +194,7 @@ def target_logits(x, w, labels, cap):
     dtype = nx.compute_dtype(x.dtype)
     w_y = w[jnp.clip(labels, 0, w.shape[0] - 1)]
     raw = jnp.einsum("nd,nd->n", x, w_y, preferred_element_type=dtype)
-    return _losses.softcap(raw, cap)
+    return nx.softcap(raw, cap)
 
 
 def backward(
@@ -239,7 +239,7 @@ def backward(
         raw, z = block_logits(x_blk, w_blk, cap, dtype)
         p = _losses.probs(z, _losses.RowStats(sh[:, None], ln[:, None]))
         dz = _losses.logit_grads(p, cols[None, :] == lab[:, None], cf, cw_blk)
-        dz = _losses.softcap_grad(raw, cap, dz)
+        dz = nx.softcap_grad(raw, cap, dz)
         # Excluded rows, and rows of the previous token block, contribute exactly zero.
         dz = jnp.where((ok & r_ok)[:, None], dz, 0.0)
         # The last vocabulary block may overlap the previous one: its dw rows there are
@@ -325,11 +325,11 @@ def single_pass(x, w, labels, row_ok, terms, class_weight, cap, *, block_n: int)
         # Rows of the previous chunk (ragged last chunk) are recomputed but contribute nothing.
         tm = jax.tree.map(lambda c: jnp.where(r_ok, c, 0.0), tm)
         raw, z = block_logits(x_blk, w, cap, dtype)
-        stats = _losses.row_stats(z)
+        z, stats = _losses.row_stats(z, cap)
         blk_loss = _losses.row_losses(z, lab, tm, class_weight, stats)
         g = jnp.ones((bn,), dtype)
         dz = _losses.row_loss_grads(z, lab, tm, class_weight, stats, g)
-        dz = _losses.softcap_grad(raw, cap, dz)
+        dz = nx.softcap_grad(raw, cap, dz)
         dz = jnp.where((ok & r_ok)[:, None], dz, 0.0).astype(x.dtype)
         old = lax.dynamic_slice_in_dim(loss, r, bn, 0)
         loss = lax.dynamic_update_slice_in_dim(loss, jnp.where(r_ok, blk_loss, old), r, 0)
