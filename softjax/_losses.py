@@ -3,8 +3,9 @@
 ``cross_entropy`` mirrors ``torch.nn.CrossEntropyLoss`` (integer labels or class
 probabilities, class ``weight``, ``ignore_index``, ``label_smoothing``, the weighted-mean
 denominator) and adds ``where``, PaLM's ``z_loss`` and Gemma 2's ``logit_softcap``.
-Its gradient is a custom VJP that saves only the per-row logsumexp (as ``max`` and
-``log1p`` part) and produces ``p - y`` in one fused pass over the logits; the integer-label
+Its derivative is a custom JVP linear in the logits' tangent (``sum_c G_c dz_c`` with
+``G = p - y`` and its smoothing and z-loss terms), so forward mode works and reverse mode is
+its transpose ``ct * G``, one fused pass over the logits under ``jit``; the integer-label
 path never builds a one-hot array.
 
 The per-row arithmetic lives in :func:`row_losses` and :func:`row_loss_grads`, which the
@@ -47,7 +48,7 @@ class RowStats(NamedTuple):
 
     shift: jax.Array
     log_norm: jax.Array
-    offset: jax.Array | float = 0.0
+    offset: jax.Array | None = None  # None: no row can hold +inf (finite matmul logits)
 
     @property
     def lse(self) -> jax.Array:
@@ -78,17 +79,34 @@ def row_stats(z: jax.Array, cap) -> tuple[jax.Array, RowStats]:
 
 
 def neg_log_probs(z: jax.Array, stats: RowStats) -> jax.Array:
-    """``-log_softmax(z)`` from the row statistics, ``>= 0`` and without cancellation."""
+    """``-log_softmax(z)`` from the row statistics, ``>= 0`` and without cancellation.
+
+    For speed on full rows this leaves a finite class of a row holding ``+inf`` at about
+    the largest float instead of ``+inf``: :func:`restore_infinite` fixes what it must.
+    """
     return -nx.minus_compensated(z, *nx.two_sum(stats.shift, stats.log_norm))
+
+
+def restore_infinite(n: jax.Array, z: jax.Array, stats: RowStats) -> jax.Array:
+    """``n = -log p`` in a row holding ``+inf``: ``log k`` at its ``k`` ``+inf`` classes,
+    ``+inf`` at the others (``softjax._numerics``, rule 5)."""
+    at_inf = jnp.where(z == jnp.inf, stats.log_norm, jnp.inf)
+    return jnp.where(stats.offset == jnp.inf, at_inf, n)
 
 
 def probs(z: jax.Array, stats: RowStats) -> jax.Array:
     """``softmax(z)`` recomputed from the row statistics (the backward pass).
 
     Plain ``exp(z - lse)``: a gradient entry's error is relative to the row's gradient, so
-    the compensation that the forward values need would buy nothing here but time.
+    the compensation that the forward values need would buy nothing here but time. A row
+    holding ``k`` entries at ``+inf`` gets ``1 / k`` there and 0 elsewhere
+    (``softjax._numerics``, rule 5); the select is on the output pass only.
     """
-    return jnp.exp(z - stats.lse)
+    p = jnp.exp(z - stats.lse)
+    if stats.offset is None:
+        return p
+    at_inf = jnp.where(z == jnp.inf, jnp.exp(-stats.log_norm), 0.0)
+    return jnp.where(stats.offset == jnp.inf, at_inf, p)
 
 
 class LabelTerms(NamedTuple):
@@ -127,11 +145,18 @@ def row_losses(z, labels, terms: LabelTerms, class_weight, stats: RowStats, smoo
     classes that only the smoothing term needs.
     """
     z_y = jnp.take_along_axis(z, _safe_index(labels, z.shape[-1])[..., None], axis=-1)
-    n_y = neg_log_probs(z_y, stats)[..., 0]  # from the target logit alone: no [..., C] pass
+    # From the target logit alone: no [..., C] pass.
+    n_y = restore_infinite(neg_log_probs(z_y, stats), z_y, stats)[..., 0]
     smooth = jnp.zeros_like(n_y)
     if smoothing:
         n = neg_log_probs(z, stats)
         smooth = jnp.sum(n if class_weight is None else n * class_weight, axis=-1)
+        # A row holding +inf at k of its C classes (log_norm = log k): every other class has
+        # -log p = +inf. Decided per row, so that the pass above stays select-free.
+        log_k = stats.log_norm[..., 0]
+        w_sum = z.shape[-1] if class_weight is None else jnp.sum(class_weight)
+        all_inf = jnp.where(log_k < np.log(z.shape[-1] - 0.5), jnp.inf, w_sum * log_k)
+        smooth = jnp.where((stats.offset == jnp.inf)[..., 0], all_inf, smooth)
     return combine_row_terms(terms, n_y, smooth, (stats.lse + stats.offset)[..., 0])
 
 
@@ -264,7 +289,7 @@ def _soft_label_parts(logits, labels, valid, class_weight, opts):
     z, stats = row_stats(nx.softcap(nx.upcast(logits), opts.softcap), opts.softcap)
     y = _soft_targets(nx.upcast(labels), opts, z.shape[-1])
     wy = y if class_weight is None else y * class_weight
-    n = neg_log_probs(z, stats)
+    n = restore_infinite(neg_log_probs(z, stats), z, stats)
     # 0 * log(0) = 0: a class with no target mass contributes nothing, even at -inf.
     loss = jnp.sum(jnp.where(wy == 0, 0.0, wy * n), axis=-1)
     lse = (stats.lse + stats.offset)[..., 0]
@@ -375,7 +400,14 @@ def cross_entropy(
 
     Differences from PyTorch, on purpose: the mean over zero valid examples is 0.0 with zero
     gradient (PyTorch: NaN); an out-of-range integer label that is not ``ignore_index``
-    gives NaN for its example (jit cannot raise on data values).
+    gives NaN for its example (jit cannot raise on data values). Labels of any integer
+    dtype index the classes in int32. A row holding ``+inf`` logits puts all its mass on
+    them (loss ``log k`` on one of ``k`` tied ``+inf`` classes, ``+inf`` elsewhere);
+    ``logit_softcap=inf`` is no cap.
+
+    Differentiation: reverse and forward mode (``grad``, ``jvp``, ``jacfwd``, ``hessian``)
+    with respect to ``logits`` and to class-probability ``labels``; ``weight`` and the
+    scalar options are treated as constants.
 
     Example:
       >>> softjax.cross_entropy(jnp.array([[2.0, 1.0, 0.5]]), jnp.array([0]))

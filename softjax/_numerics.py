@@ -21,9 +21,13 @@ the one place where they are spelled out:
    0, log-probabilities and logsumexp ``-inf``, zero gradients).
 5. **Rows holding ``+inf``.** ``exp(+inf)`` dominates every finite term, so such a row is
    the limit of its ``+inf`` entries growing together: they share the mass equally, every
-   finite entry gets probability 0, and the logsumexp is ``+inf``. The row is replaced by
-   the indicator of its ``+inf`` entries (0 there, ``-inf`` elsewhere) and ``+inf`` is
-   added back to its logsumexp (:attr:`Shifted.offset`).
+   finite entry gets probability 0 (log-probability ``-inf``), and the logsumexp is
+   ``+inf``. Such a row is shifted by the largest finite float instead of its maximum:
+   its finite entries then lie so far below the shift that ``exp`` gives exactly 0, and
+   its ``+inf`` entries are clamped to a difference of 0 (``exp(0) = 1``), inside each
+   pass (a clamped copy of the input, shared by the passes, would make XLA materialise
+   it). The callers restore the
+   infinities on their outputs, row by row (:attr:`Shifted.offset` is ``+inf`` there).
 
 NaN inputs are never hidden: a NaN makes its row's maximum NaN, which flows into every
 output of that row and no other.
@@ -77,7 +81,8 @@ def saturate_infinite_rows(x: jax.Array, infinite: jax.Array) -> jax.Array:
     """Rows flagged ``infinite`` (holding ``+inf``) as the indicator of their ``+inf`` entries.
 
     0 at ``+inf`` entries and ``-inf`` elsewhere: the limit of the row's softmax as its
-    ``+inf`` entries grow together (they share the mass equally).
+    ``+inf`` entries grow together (rule 5, for the sort-based functions, which select
+    anyway).
     """
     indicator = jnp.where(x == jnp.inf, 0.0, -jnp.inf).astype(x.dtype)
     return jnp.where(infinite, indicator, x)
@@ -148,9 +153,9 @@ class Shifted(NamedTuple):
     """The shifted, tempered logits of a row, ``(x - max) / T == hi + lo`` (``hi <= 0``).
 
     ``shift`` is the row maximum of the untempered (masked) input ``x``, 0 for empty rows.
-    ``empty`` is True for rows with no valid entry. ``x`` is the masked input, with a row
-    holding ``+inf`` replaced by the indicator of its ``+inf`` entries; ``offset`` is
-    ``+inf`` for such a row (0 elsewhere), to be added to its logsumexp.
+    ``empty`` is True for rows with no valid entry. ``x`` is the masked input; ``offset``
+    is ``+inf`` for a row holding ``+inf`` (0 elsewhere), to be added to its logsumexp; its
+    ``shift`` is then the largest float and ``hi`` is 0 at its ``+inf`` entries (rule 5).
     """
 
     hi: jax.Array
@@ -172,10 +177,15 @@ def shift_rows(x: jax.Array, axes: Axes, where: jax.Array | None, temperature=No
     x = mask_invalid(x, where)
     raw_max = row_max(x, axes)
     infinite = raw_max == jnp.inf
-    x = saturate_infinite_rows(x, infinite)
     empty = raw_max == -jnp.inf
-    shift = lax.stop_gradient(jnp.where(empty | infinite, jnp.zeros_like(raw_max), raw_max))
+    # Rule 5: a row holding +inf is shifted by the largest float; its +inf entries then give
+    # inf - big = inf, which the clamp below turns into 0 (arithmetic only: the passes over
+    # x stay fused), and its finite entries lie so far below that exp gives exactly 0.
+    big = jnp.finfo(x.dtype).max
+    shift = lax.stop_gradient(jnp.where(empty, 0.0, jnp.minimum(raw_max, big)))
     hi, lo = two_sum(x, -shift)
+    # A select, not minimum: the derivative at the maximum (hi == 0) must stay 1.
+    hi = jnp.where(hi > 0, 0.0, hi)
     if temperature is not None:
         # x - max overflows where the two are more than the largest float apart, though
         # (x - max) / T may be finite: there, halve both (exactly) and the divisor with them.
@@ -188,6 +198,8 @@ def shift_rows(x: jax.Array, axes: Axes, where: jax.Array | None, temperature=No
         finite = jnp.isfinite(hi)
         q, q_lo = divide_compensated(jnp.where(finite, hi, 0.0), lo, t)
         hi, lo = jnp.where(finite, q, hi), q_lo
+        # (x - inf) / T is -inf whatever T: a huge T must not bring the finite entries back.
+        hi = jnp.where(infinite & (x < shift), -jnp.inf, hi)
     offset = jnp.where(infinite, jnp.inf, 0.0).astype(x.dtype)
     return Shifted(hi, lo, shift, lax.stop_gradient(empty), x, lax.stop_gradient(offset))
 
@@ -258,17 +270,23 @@ def _log_normalizer(z, shift, lo, axes):
     # size, where arithmetic alone fuses into a single streaming pass.
     big = 2.0 / float(jnp.finfo(dtype).tiny)  # turns any non-zero difference into >= 2
     c_hi, c_lo = two_sum(shift, jnp.asarray(-LIFT, dtype))
-    # Clamped so that -inf entries give exp(-huge) == 0 rather than NaN through TwoSum.
-    s, err = _two_sum_unguarded(jnp.maximum(z, c_hi - 1e30), -c_hi)
+    # Clamped below so that -inf entries give exp(-huge) == 0 rather than NaN through TwoSum
+    # (the floor is at most -1e30, far below a shift near the largest float too), and above
+    # so that the +inf entries of a row shifted by the largest float (rule 5) count as its
+    # maximum: this clamp is local to the ``rest`` sum, the input itself stays unchanged.
+    zc = jnp.minimum(z, jnp.finfo(dtype).max)
+    s, err = _two_sum_unguarded(jnp.maximum(zc, jnp.minimum(c_hi, 0.0) - 1e30), -c_hi)
     if lo is not None:
         err = err + lo
     e = jnp.exp(s)
     e = e + e * (err - c_lo)
-    not_max = jnp.minimum(1.0, (z + (-shift)) * -big)  # 0 at the maximum, else 1
+    not_max = jnp.minimum(1.0, (zc + (-shift)) * -big)  # 0 at the maximum, else 1
     rest = jnp.sum(e * not_max, axis=axes, keepdims=True)
-    # 2 - min(2, (shift - z) * big) is 2 at the maximum and 0 elsewhere (its constants differ
-    # from not_max's on purpose: a broadcast shared by the two reductions is materialised).
-    count = jnp.sum(2.0 - jnp.minimum(2.0, (shift - z) * big), axis=axes, keepdims=True) * 0.5
+    # 2 - min(2, (shift - min(z, shift)) * big) is 2 at the maximum (and at +inf, rule 5)
+    # and 0 elsewhere (its constants differ from not_max's on purpose: a broadcast shared by the
+    # two reductions is materialised).
+    at_max = 2.0 - jnp.minimum(2.0, (shift - jnp.minimum(z, shift)) * big)
+    count = jnp.sum(at_max, axis=axes, keepdims=True) * 0.5
     log_sum = jnp.log1p(rest * math.exp(-LIFT) + (count - 1))
     return jnp.where(count == 0, jnp.zeros_like(log_sum), log_sum)
 
@@ -281,7 +299,9 @@ def _log_normalizer_jvp(axes, primals, tangents):
     if isinstance(z_dot, SymbolicZero):
         return log_sum, jnp.zeros_like(log_sum)
     dz = z_dot if lo is None or isinstance(lo_dot, SymbolicZero) else z_dot + lo_dot
-    p = jnp.exp((z - shift) - log_sum)  # 0 at -inf entries, whose tangent is finite
+    # 0 at -inf entries, whose tangent is finite; 1 / count at the +inf ones (rule 5). A
+    # select, not a clamp: differentiated again (second order), the rule must stay exact.
+    p = jnp.exp(jnp.where(z == jnp.inf, 0.0, z - shift) - log_sum)
     return log_sum, jnp.sum(p * dz, axis=axes, keepdims=True)
 
 

@@ -130,8 +130,13 @@ def _log_softmax_value(x, where, t, axes):
     # The clamp only removes the sign of a rounding residue at the maximum, so no
     # log-probability is ever positive.
     logp = jnp.minimum(logp, 0.0)
-    # Excluded entries are the constant -inf (no derivative through log_norm).
-    return jnp.where(s.x == -jnp.inf, -jnp.inf, logp), s
+    # Rule 5 of softjax._numerics: in a row holding +inf, those entries share the mass
+    # (-log k) and the finite ones get -inf. Excluded entries are the constant -inf (no
+    # derivative through log_norm).
+    infinite = s.offset == jnp.inf
+    logp = jnp.where(infinite & (s.x == jnp.inf), -log_norm, logp)
+    minus_inf = (s.x == -jnp.inf) | (infinite & (s.x < s.shift))
+    return jnp.where(minus_inf, -jnp.inf, logp), s
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3,))

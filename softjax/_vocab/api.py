@@ -291,6 +291,11 @@ def linear_cross_entropy(
     Matmuls take ``x`` and ``w`` in their own dtype and accumulate in float32; ``dx`` and
     each block of ``dw`` are accumulated in float32 and cast once.
 
+    Differentiation: reverse mode (``grad``, ``vjp``) with respect to ``x`` and ``w``. The
+    custom VJP that keeps memory flat recomputes the logits in its backward pass, which has
+    no forward-mode counterpart: ``jvp``/``jacfwd`` raise JAX's "can't apply forward-mode
+    autodiff (jvp) to a custom_vjp function". ``weight`` and the options are constants.
+
     Memory and speed (xla path): with bf16/f16 weights, or reduction "none", or
     ``vocab_axis_name``, temporary memory is flat in ``V`` (logits blocks of a fixed size
     plus ``dx`` in float32) at the cost of one extra matmul (the backward recomputes the
