@@ -26,8 +26,9 @@ the one place where they are spelled out:
    its finite entries then lie so far below the shift that ``exp`` gives exactly 0, and
    its ``+inf`` entries are clamped to a difference of 0 (``exp(0) = 1``), inside each
    pass (a clamped copy of the input, shared by the passes, would make XLA materialise
-   it). The callers restore the
-   infinities on their outputs, row by row (:attr:`Shifted.offset` is ``+inf`` there).
+   it). The callers restore the infinities on their outputs, row by row
+   (:attr:`Shifted.offset` is ``+inf`` there). One approximation, on purpose: a finite
+   entry equal to the largest float, in a row that also holds ``+inf``, shares the mass.
 
 NaN inputs are never hidden: a NaN makes its row's maximum NaN, which flows into every
 output of that row and no other.
