@@ -20,7 +20,7 @@ import softjax as sj
 from softjax import calibration as cal
 
 SETTINGS = settings(
-    max_examples=20,
+    max_examples=15,
     deadline=None,
     derandomize=True,
     database=None,
