@@ -40,10 +40,10 @@ class Options(NamedTuple):
 class RowStats(NamedTuple):
     """Per-row statistics of the (capped) logits over the class axis (last axis, kept).
 
-    ``lse == shift + log_norm`` is the logsumexp of the effective logits (see
-    :func:`row_stats`); kept apart so that ``logits - shift`` stays exact. ``offset`` is
-    ``+inf`` for a row holding a ``+inf`` logit (0 elsewhere): its true logsumexp is
-    ``lse + offset``.
+    ``lse == shift + log_norm`` is the logsumexp, kept apart so that ``logits - shift``
+    stays exact. In a row holding ``k`` logits at ``+inf`` (``softjax._numerics``, rule 5)
+    ``shift`` is the largest float, ``log_norm = log k`` and ``offset`` is ``+inf`` (0
+    elsewhere): its true logsumexp is ``lse + offset``.
     """
 
     shift: jax.Array
@@ -55,8 +55,8 @@ class RowStats(NamedTuple):
         return self.shift + self.log_norm
 
 
-def row_stats(z: jax.Array, cap) -> tuple[jax.Array, RowStats]:
-    """The effective logits and the :class:`RowStats` of compute-dtype logits ``z``.
+def row_stats(z: jax.Array, cap) -> RowStats:
+    """The :class:`RowStats` of compute-dtype logits ``z`` over their last axis.
 
     ``cap`` is the soft-cap ``z`` was computed with (None: the raw logits); it is required
     so that no caller can get the following wrong. Soft-capped logits are an expression of
@@ -64,10 +64,7 @@ def row_stats(z: jax.Array, cap) -> tuple[jax.Array, RowStats]:
     the normaliser's, which breaks the exact ``z == max`` tests of
     :func:`softjax._numerics.log_normalizer`: the plain ``log(sum(exp(z - shift)))`` is used
     for them instead (it only loses the relative accuracy of a loss below ~1e-7, which
-    soft-capped logits rarely reach).
-
-    The effective logits equal ``z`` except in a row holding ``+inf``, which becomes the
-    indicator of its ``+inf`` entries (``softjax._numerics``, rule 5).
+    soft-capped logits rarely reach; they are finite, so rule 5 never applies to them).
     """
     s = nx.shift_rows(z, (z.ndim - 1,), None)
     if cap is not None:
@@ -75,7 +72,7 @@ def row_stats(z: jax.Array, cap) -> tuple[jax.Array, RowStats]:
         log_norm = jnp.where(s.empty, 0.0, log_norm)
     else:
         log_norm = nx.log_normalizer(s.x, s.shift, (z.ndim - 1,))
-    return s.x, RowStats(s.shift, log_norm, s.offset)
+    return RowStats(s.shift, log_norm, s.offset)
 
 
 def neg_log_probs(z: jax.Array, stats: RowStats) -> jax.Array:
@@ -238,8 +235,9 @@ def _int_label_losses(logits, labels, valid, class_weight, opts: Options, smooth
 
 
 def _int_label_parts(logits, labels, valid, class_weight, opts, smoothing):
-    """Per-row losses, and what their gradient needs: effective logits, stats, terms."""
-    z, stats = row_stats(nx.softcap(nx.upcast(logits), opts.softcap), opts.softcap)
+    """Per-row losses, and what their gradient needs: the capped logits, stats, terms."""
+    z = nx.softcap(nx.upcast(logits), opts.softcap)
+    stats = row_stats(z, opts.softcap)
     terms = label_terms(
         labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
     )
@@ -286,7 +284,8 @@ def _soft_label_losses(logits, labels, valid, class_weight, opts: Options):
 
 def _soft_label_parts(logits, labels, valid, class_weight, opts):
     """Per-row losses, weighted targets ``w_c y_c``, ``-log p`` and the row statistics."""
-    z, stats = row_stats(nx.softcap(nx.upcast(logits), opts.softcap), opts.softcap)
+    z = nx.softcap(nx.upcast(logits), opts.softcap)
+    stats = row_stats(z, opts.softcap)
     y = _soft_targets(nx.upcast(labels), opts, z.shape[-1])
     wy = y if class_weight is None else y * class_weight
     n = restore_infinite(neg_log_probs(z, stats), z, stats)

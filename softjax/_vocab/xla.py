@@ -325,7 +325,7 @@ def single_pass(x, w, labels, row_ok, terms, class_weight, cap, *, block_n: int)
         # Rows of the previous chunk (ragged last chunk) are recomputed but contribute nothing.
         tm = jax.tree.map(lambda c: jnp.where(r_ok, c, 0.0), tm)
         raw, z = block_logits(x_blk, w, cap, dtype)
-        z, stats = _losses.row_stats(z, cap)
+        stats = _losses.row_stats(z, cap)
         blk_loss = _losses.row_losses(z, lab, tm, class_weight, stats)
         g = jnp.ones((bn,), dtype)
         dz = _losses.row_loss_grads(z, lab, tm, class_weight, stats, g)
