@@ -163,7 +163,7 @@ def combine_row_terms(terms: LabelTerms, n_y, smooth, lse):
     ``n_y = -log p_y``, ``smooth = sum_c w_c (-log p_c)``; a zero coefficient contributes
     exactly 0 even where its term is infinite.
     """
-    loss = terms.nll_coef * n_y
+    loss = jnp.where(terms.nll_coef == 0, 0.0, terms.nll_coef * n_y)
     loss = loss + jnp.where(terms.smooth_coef == 0, 0.0, terms.smooth_coef * smooth)
     return loss + jnp.where(terms.zloss_coef == 0, 0.0, terms.zloss_coef * lse * lse)
 

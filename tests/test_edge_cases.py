@@ -159,6 +159,9 @@ def test_positive_infinity_logits_take_the_mass():
     # The loss: 0 for the +inf class (log 2 for two tied), +inf for any other.
     losses = sj.cross_entropy(x, jnp.array([1, 0, 0]), reduction="none")
     np.testing.assert_allclose(losses, [0.0, np.log(2), INF], rtol=tol(jnp.float32))
+    # Full smoothing puts no weight on the label itself: 0 * inf must not turn into NaN.
+    full = sj.cross_entropy(x, jnp.array([1, 0, 0]), label_smoothing=1.0, reduction="none")
+    np.testing.assert_array_equal(full, [INF, INF, INF])
     grad = jax.grad(lambda x: sj.cross_entropy(x, jnp.array([1, 0, 2]), reduction="sum"))(x)
     np.testing.assert_allclose(grad, p - np.eye(3)[[1, 0, 2]], atol=tol(jnp.float32))
     # A NaN still wins: loud.
