@@ -89,6 +89,24 @@ def saturate_infinite_rows(x: jax.Array, infinite: jax.Array) -> jax.Array:
     return jnp.where(infinite, indicator, x)
 
 
+def dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], dtype) -> jax.Array:
+    """``lax.dot_general`` contracting axis ``contract[0]`` of ``a`` with ``contract[1]`` of
+    ``b``, accumulated in ``dtype``.
+
+    float32 and float64 operands ask for ``Precision.HIGHEST``: a TPU's default float32 matmul
+    rounds its operands to bfloat16 (one MXU pass), which is not float32 arithmetic. Low
+    precision operands are multiplied exactly as they are and accumulated in ``dtype``.
+    """
+    wide = np.dtype(a.dtype).itemsize >= 4
+    return lax.dot_general(
+        a,
+        b,
+        (((contract[0],), (contract[1],)), ((), ())),
+        precision=lax.Precision.HIGHEST if wide else None,
+        preferred_element_type=dtype,
+    )
+
+
 def softcap(logits: jax.Array, cap) -> jax.Array:
     """``cap * tanh(logits / cap)`` (Gemma 2), or ``logits`` when ``cap`` is None."""
     return logits if cap is None else cap * jnp.tanh(logits / cap)

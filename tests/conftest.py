@@ -4,6 +4,9 @@ import os
 
 # 8 virtual CPU devices for the sharding tests; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite runs on the CPU even where the accelerator plugins (the `accel` extra) are
+# installed: they compile for chips this machine lacks, in their own processes.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

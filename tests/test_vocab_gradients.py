@@ -102,13 +102,10 @@ def _assert_close(a, b, rtol):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Several ragged blocks at the test's sizes, on every path."""
-    from softjax._vocab import pallas
-
     monkeypatch.setattr(xla, "MAX_BLOCK_V", 64)  # 150 classes: 3 blocks, the last ragged
     monkeypatch.setattr(xla, "MIN_BLOCK_V", 8)
     monkeypatch.setattr(xla, "BLOCK_N", 5)  # 13 tokens: 3 token blocks
     monkeypatch.setattr(xla, "BLOCK_ELEMENTS", 4 * V)  # single pass: chunks of 4 tokens
-    monkeypatch.setattr(pallas, "DEFAULT_BLOCKS", pallas.BlockSizes(8, 128))
 
 
 # (implementation, path): "single" and "two-pass" name the xla paths; the single pass serves

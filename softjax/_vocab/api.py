@@ -26,7 +26,7 @@ from jax import lax
 
 from .. import _checks, _losses
 from .. import _numerics as nx
-from . import xla
+from . import pallas, xla
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -39,24 +39,18 @@ class Config(NamedTuple):
     num_classes: int  # the full vocabulary V (all shards)
     block_v: int
     smoothing: bool  # accumulate the smoothing sum (False when label_smoothing is a literal 0)
-    pallas_blocks: object = None  # pallas.BlockSizes when implementation == "pallas"
 
 
 def _forward_stats(cfg: Config, x, w, class_weight, cap) -> xla.Stats:
     if cfg.implementation == "pallas":
-        from . import pallas
-
-        return pallas.forward_stats(
-            x, w, class_weight, cap, blocks=cfg.pallas_blocks, smoothing=cfg.smoothing
-        )
+        return pallas.forward_stats(x, w, class_weight, cap, smoothing=cfg.smoothing)
     return xla.forward_stats(x, w, class_weight, cap, block_v=cfg.block_v, smoothing=cfg.smoothing)
 
 
 def _backward(cfg: Config, *args):
     if cfg.implementation == "pallas":
-        from . import pallas
-
-        return pallas.backward(*args, blocks=cfg.pallas_blocks)
+        # Vocabulary shards sum their partial dx: keep it in float32 until then.
+        return pallas.backward(*args, dx_dtype=None if cfg.axis_name is None else jnp.float32)
     return xla.backward(*args, block_v=cfg.block_v)
 
 
@@ -364,9 +358,7 @@ def linear_cross_entropy(
         smoothing=smoothing is None or bool(smoothing != 0),
     )
     if impl == "pallas":
-        from . import pallas
-
-        cfg = cfg._replace(pallas_blocks=pallas.check_supported(x.shape[-1], v_local, mm_dtype))
+        pallas.check_supported(mm_dtype)
 
     x2 = x.astype(mm_dtype).reshape(n, x.shape[-1])
     if _single_pass_applies(cfg, reduction, mm_dtype):

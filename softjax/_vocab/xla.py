@@ -73,8 +73,18 @@ def init_stats(n: int, dtype) -> Stats:
 
 def block_logits(x, w_blk, cap, dtype):
     """Raw logits ``x @ w_blk.T`` (accumulated in ``dtype``) and their softcapped values."""
-    raw = lax.dot_general(x, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+    raw = nx.dot(x, w_blk, (1, 1), dtype)
     return raw, nx.softcap(raw, cap)
+
+
+def block_grads(raw, cap, is_target, stats: _losses.RowStats, coefs: _losses.GradCoefs, cw_blk):
+    """``d loss / d raw`` on a block of raw logits ``[n, Bv]`` (``stats``/``coefs``: ``[n, 1]``).
+
+    The loss gradient with respect to the capped logits, chained through the softcap; the
+    same code runs in the xla loop and inside the Pallas kernels.
+    """
+    p = _losses.probs(nx.softcap(raw, cap), stats)
+    return nx.softcap_grad(raw, cap, _losses.logit_grads(p, is_target, coefs, cw_blk))
 
 
 def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
@@ -236,22 +246,17 @@ def backward(
         r, _, r_ok = _block_start(j, bn, n)
         x_blk = lax.dynamic_slice_in_dim(x, r, bn, 0)
         lab, ok, cf, sh, ln = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, r, bn, 0), rows)
-        raw, z = block_logits(x_blk, w_blk, cap, dtype)
-        p = _losses.probs(z, _losses.RowStats(sh[:, None], ln[:, None]))
-        dz = _losses.logit_grads(p, cols[None, :] == lab[:, None], cf, cw_blk)
-        dz = nx.softcap_grad(raw, cap, dz)
+        raw, _ = block_logits(x_blk, w_blk, cap, dtype)
+        stats = _losses.RowStats(sh[:, None], ln[:, None])
+        dz = block_grads(raw, cap, cols[None, :] == lab[:, None], stats, cf, cw_blk)
         # Excluded rows, and rows of the previous token block, contribute exactly zero.
         dz = jnp.where((ok & r_ok)[:, None], dz, 0.0)
         # The last vocabulary block may overlap the previous one: its dw rows there are
         # recomputed identically and overwritten (reading them back would cost a copy of
         # dw), but those columns must not reach dx twice.
         dz_x = jnp.where(col_ok[None, :], dz, 0.0).astype(x.dtype)
-        dx_blk = lax.dynamic_slice_in_dim(dx, r, bn, 0) + lax.dot_general(
-            dz_x, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=dtype
-        )
-        dw_blk = dw_blk + lax.dot_general(
-            dz.astype(x.dtype), x_blk, (((0,), (0,)), ((), ())), preferred_element_type=dtype
-        )
+        dx_blk = lax.dynamic_slice_in_dim(dx, r, bn, 0) + nx.dot(dz_x, w_blk, (1, 0), dtype)
+        dw_blk = dw_blk + nx.dot(dz.astype(x.dtype), x_blk, (0, 0), dtype)
         return lax.dynamic_update_slice_in_dim(dx, dx_blk, r, 0), dw_blk, x
 
     def body(i, carry):
@@ -333,10 +338,10 @@ def single_pass(x, w, labels, row_ok, terms, class_weight, cap, *, block_n: int)
         dz = jnp.where((ok & r_ok)[:, None], dz, 0.0).astype(x.dtype)
         old = lax.dynamic_slice_in_dim(loss, r, bn, 0)
         loss = lax.dynamic_update_slice_in_dim(loss, jnp.where(r_ok, blk_loss, old), r, 0)
-        dx_blk = lax.dot_general(dz, w, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+        dx_blk = nx.dot(dz, w, (1, 0), dtype)
         dx_old = lax.dynamic_slice_in_dim(dx, r, bn, 0)
         dx = lax.dynamic_update_slice_in_dim(dx, jnp.where(r_ok[:, None], dx_blk, dx_old), r, 0)
-        dw = dw + lax.dot_general(dz, x_blk, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
+        dw = dw + nx.dot(dz, x_blk, (0, 0), dtype)
         return loss, dx, dw, x, w
 
     init = (jnp.zeros((n,), dtype), jnp.zeros((n, dim), dtype), jnp.zeros((v, dim), dtype), x, w)

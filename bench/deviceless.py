@@ -1,0 +1,174 @@
+"""Compile softjax for chips this machine does not have, and read what the compiler kept.
+
+``jax.experimental.topologies`` gives devices of a TPU slice (``libtpu``) or of an H200
+(the CUDA plugin with a ``GpuTargetConfigProto`` of the chip, ``tests/targets/h200.txtpb``)
+without the chip: ``jit(...).lower(...).compile()`` then runs the real compiler (Mosaic;
+XLA:GPU with Triton and ptxas), so VMEM, shared-memory and register limits are enforced, and
+``memory_analysis()`` is exact. Install what it needs with ``pip install -e ".[accel]"``.
+
+One target per process (libtpu serves one TPU generation per process). As a command it
+compiles ``value_and_grad`` of a loss at one head size and prints one JSON line::
+
+    JAX_PLATFORMS=cpu python -m bench.deviceless --target v5e --head 4096,131072,bf16,8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+
+TPU_TOPOLOGIES = {"v5e": "v5e:2x2", "v6e": "v6e:2x2", "v5p": "v5p:2x2x1"}
+TARGETS = ("h200", *TPU_TOPOLOGIES)
+H200_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "tests" / "targets" / "h200.txtpb"
+
+# Custom-call targets of compiled Pallas kernels: Mosaic TPU, Triton, Mosaic GPU.
+KERNEL_CALLS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu")
+
+# LLM output heads (D, V, dtype, N): the sizes the accelerator tests compile.
+HEADS = {
+    "llama3.2-1b": (2048, 131072, "bfloat16", 8192),
+    "llama3-8b": (4096, 131072, "bfloat16", 8192),
+    "gemma2-2b": (2304, 256000, "bfloat16", 8192),
+    "qwen2.5-1.5b": (1536, 151936, "bfloat16", 8192),
+    "llama3-70b": (8192, 131072, "bfloat16", 4096),
+    "llama3.2-1b-f32": (2048, 131072, "float32", 8192),
+    "llama2-32k": (4096, 32000, "bfloat16", 8192),
+    "gpt2-50k": (768, 50257, "bfloat16", 8192),
+}
+
+
+def available(target: str) -> str | None:
+    """None if ``target`` can be compiled for here, else what is missing."""
+    import importlib.util
+
+    if target == "h200":
+        missing = [m for m in ("jax_plugins.xla_cuda12",) if importlib.util.find_spec(m) is None]
+        return f"the CUDA plugin ({missing[0]})" if missing else None
+    return None if importlib.util.find_spec("libtpu") else "libtpu"
+
+
+def device(target: str):
+    """A device of ``target`` (no such chip needed)."""
+    from jax.experimental import topologies
+
+    if target == "h200":
+        topo = topologies.get_topology_desc(
+            topology_name="h200",
+            platform="cuda",
+            topology="1x1x1",
+            target_config=H200_CONFIG.read_text(),
+        )
+    else:
+        topo = topologies.get_topology_desc(topology_name=TPU_TOPOLOGIES[target], platform="tpu")
+    return topo.devices[0]
+
+
+def compile_for(target: str, fn, *shapes) -> dict:
+    """Compiles ``fn`` for ``target`` at ``shapes`` (``(shape, dtype)`` pairs).
+
+    Returns the compiled executable's temp memory, the kernel custom calls it holds, and
+    the compile time.
+    """
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh([device(target)], ("x",))
+    spec = NamedSharding(mesh, P())
+    args = [jax.ShapeDtypeStruct(s, d, sharding=spec) for s, d in shapes]
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
+    try:
+        text = compiled.as_text()
+    except Exception:  # some TPU executables cannot be printed by this jaxlib: use the module
+        text = lowered.as_text()
+    mem = compiled.memory_analysis()
+    calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
+    return {
+        "target": target,
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "custom_calls": calls,
+        "kernel": any(k in c for c in calls for k in KERNEL_CALLS),
+        "kernels": sorted(set(re.findall(r"softjax_lce_\w+", text))),
+        "compile_s": round(seconds, 2),
+    }
+
+
+def loss_fn(impl: str):
+    """``value_and_grad`` in ``x`` and ``w`` of the mean loss by ``impl``."""
+    import jax
+    import optax
+
+    import softjax
+
+    if impl == "naive":
+
+        def loss(x, w, y):
+            logits = (x @ w.T).astype("float32")
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    elif impl == "tokamax":
+        import tokamax
+
+        def loss(x, w, y):
+            return tokamax.linear_softmax_cross_entropy_loss(
+                x, y, w.T, reduction="mean", implementation="mosaic_tpu"
+            )
+
+    else:
+
+        def loss(x, w, y):
+            return softjax.linear_cross_entropy(x, w, y, implementation=impl)
+
+    return jax.value_and_grad(loss, (0, 1))
+
+
+def compile_head(target: str, head: tuple, impl: str = "pallas") -> dict:
+    """:func:`compile_for` of ``loss_fn(impl)`` at one head ``(D, V, dtype, N)``."""
+    import jax.numpy as jnp
+
+    dim, v, dtype, n = head
+    shapes = [((n, dim), dtype), ((v, dim), dtype), ((n,), jnp.int32)]
+    out = compile_for(target, loss_fn(impl), *shapes)
+    out.update(impl=impl, head=list(head), logits_f32_bytes=n * v * 4)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=TARGETS, required=True)
+    parser.add_argument("--head", action="append", default=[], help="D,V,dtype,N or a name")
+    parser.add_argument("--impl", action="append", default=[], help="pallas, xla, naive, tokamax")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    heads = []
+    for h in args.head or list(HEADS):
+        if h in HEADS:
+            heads.append(HEADS[h])
+        else:
+            d, v, dt, n = h.split(",")
+            heads.append(
+                (int(d), int(v), {"bf16": "bfloat16", "f32": "float32"}.get(dt, dt), int(n))
+            )
+    for head in heads:
+        for impl in args.impl or ["pallas"]:
+            try:
+                out = compile_head(args.target, head, impl)
+            except Exception as e:  # report and go on: the caller decides what a failure means
+                msg = str(e).strip().splitlines()
+                out = {"target": args.target, "impl": impl, "head": list(head), "error": msg[:3]}
+            print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

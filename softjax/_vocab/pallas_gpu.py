@@ -1,0 +1,194 @@
+"""Triton kernels of ``linear_cross_entropy`` for GPUs: logits blocks accumulated over D.
+
+GPU programs run concurrently, so nothing accumulates across the grid; each program loops
+instead:
+
+* ``softjax_lce_fwd``: one program per token block; it loops over the class blocks, and for
+  each over D steps (``acc += x[r, k] @ w[c, k].T`` in float32 registers, operands staged
+  in shared memory by Triton's software pipeline), then folds the logits block into the
+  per-row online statistics (``xla.merge_block``, the code of the xla path).
+* ``softjax_lce_grad``: one program per ``(token block, class block)``; the same D loop,
+  then the gradient block ``dz`` (``xla.block_grads``), written in the operands' dtype.
+
+Shared memory per pipeline stage is ``(bn + bv) * bd`` operand elements and registers hold
+one ``[bn, bv]`` float32 block, whatever ``D`` is. Triton blocks are powers of two: ragged
+edges use clamped starts (the last block of an axis starts at ``size - block`` and masks
+what the previous block covered, as the xla path), so no load is out of bounds and ``w`` is
+never padded or copied; only an axis shorter than the 16 that Triton's matmul needs is
+padded (a copy of fewer than 16 rows).
+
+Triton, not Mosaic GPU: Mosaic GPU kernels are written against warpgroup matmuls and TMA
+copies with explicit shared-memory staging, while these block programs are the plain
+``jnp`` code that also runs on TPU and in interpret mode. A Mosaic GPU form is the natural
+next step on Hopper (wgmma); the Triton lowering is what ``jax`` compiles for CUDA and ROCm
+here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .. import _losses
+from .. import _numerics as nx
+from . import xla
+from .blocks import BlockSizes
+
+MIN_BLOCK = 16  # Triton's matmul needs at least 16 along every axis
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    b = MIN_BLOCK
+    while b * 2 <= min(n, cap):
+        b *= 2
+    return b
+
+
+def _pad_rows(a, rows: int):
+    """``a`` with zero rows appended up to ``rows`` (only ever fewer than 16 of them)."""
+    return a if a.shape[0] >= rows else jnp.pad(a, ((0, rows - a.shape[0]), (0, 0)))
+
+
+def _pad_small(x, w, class_weight):
+    """Axes shorter than :data:`MIN_BLOCK` padded with zeros (tiny arrays only)."""
+    if x.shape[1] < MIN_BLOCK:
+        extra = ((0, 0), (0, MIN_BLOCK - x.shape[1]))
+        x, w = jnp.pad(x, extra), jnp.pad(w, extra)
+    cw = jnp.ones((w.shape[0],), jnp.float32) if class_weight is None else class_weight
+    w = _pad_rows(w, MIN_BLOCK)
+    cw = jnp.pad(cw.astype(jnp.float32), (0, w.shape[0] - cw.shape[0])).reshape(1, -1)
+    return _pad_rows(x, MIN_BLOCK), w, cw
+
+
+def _call(kernel, grid, out_shape, name, args, interpret):
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        params = pltriton.CompilerParams(num_warps=4, num_stages=3)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        out_shape=out_shape,
+        compiler_params=params,
+        interpret=interpret,
+        name=name,
+    )(*args)
+
+
+def _clamped(k, b, total):
+    """Start of block ``k`` clamped to ``total - b``, and the mask of its own (new) part."""
+    start = jnp.minimum(k * b, total - b)
+    return start, start + lax.broadcasted_iota(jnp.int32, (1, b), 1) >= k * b
+
+
+def _logits(x_ref, w_ref, r0, s, *, bn, bv, bd, dim):
+    """``x[r0:r0+bn] @ w[s:s+bv].T`` in float32, accumulated over D steps of ``bd``."""
+
+    def step(k, acc):
+        c, new = _clamped(k, bd, dim)
+        x = x_ref[pl.ds(r0, bn), pl.ds(c, bd)]
+        x = jnp.where(new, x, jnp.zeros_like(x))  # lanes the previous step covered
+        return acc + nx.dot(x, w_ref[pl.ds(s, bv), pl.ds(c, bd)], (1, 1), jnp.float32)
+
+    return lax.fori_loop(0, pl.cdiv(dim, bd), step, jnp.zeros((bn, bv), jnp.float32))
+
+
+def _fwd_kernel(*refs, n, dim, num_classes, bn, bv, bd, smoothing, has_cap):
+    x_ref, w_ref, cw_ref, *refs = refs
+    cap = refs.pop(0)[...] if has_cap else None
+    r0 = jnp.minimum(pl.program_id(0) * bn, n - bn)
+    v = w_ref.shape[0]
+
+    def body(j, carry):
+        st, ws = carry
+        s, new = _clamped(j, bv, v)
+        col_ok = new & (s + lax.broadcasted_iota(jnp.int32, (1, bv), 1) < num_classes)
+        cw = cw_ref[:, pl.ds(s, bv)]
+        z = nx.softcap(_logits(x_ref, w_ref, r0, s, bn=bn, bv=bv, bd=bd, dim=dim), cap)
+        st = xla.merge_block(st, z, col_ok, cw, ws, smoothing)
+        return st, ws + jnp.sum(jnp.where(col_ok, cw, 0.0), axis=-1, keepdims=True)
+
+    init = (xla.init_stats(bn, jnp.float32), jnp.zeros((bn, 1), jnp.float32))
+    st, _ = lax.fori_loop(0, pl.cdiv(v, bv), body, init)
+    for ref, a in zip(refs, st, strict=True):
+        ref[pl.ds(r0, bn), :] = a
+
+
+def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: bool, interpret):
+    """Per-row :class:`xla.Stats` (``[N]`` each) of ``softcap(x @ w.T)``."""
+    n, v = x.shape[0], w.shape[0]
+    x, w, cw = _pad_small(x, w, class_weight)
+    (np_, dim), vp = x.shape, w.shape[0]
+    bn, bv = _pow2_at_most(np_, blocks.block_n), _pow2_at_most(vp, blocks.block_v)
+    bd = _pow2_at_most(dim, blocks.block_d)
+    has_cap = cap is not None
+    kernel = functools.partial(
+        _fwd_kernel,
+        n=np_,
+        dim=dim,
+        num_classes=v,
+        bn=bn,
+        bv=bv,
+        bd=bd,
+        smoothing=smoothing,
+        has_cap=has_cap,
+    )
+    args = [x, w, cw] + ([jnp.reshape(jnp.asarray(cap, jnp.float32), (1, 1))] if has_cap else [])
+    outs = _call(
+        kernel,
+        (pl.cdiv(np_, bn),),
+        [jax.ShapeDtypeStruct((np_, 1), jnp.float32)] * 4,
+        "softjax_lce_fwd",
+        args,
+        interpret,
+    )
+    return xla.Stats(*(a[:n, 0] for a in outs))
+
+
+def _grad_kernel(*refs, n, dim, bn, bv, bd, has_cap):
+    x_ref, w_ref, cw_ref, keep_ref, lab_ref, rows_ref, *refs = refs
+    cap = refs.pop(0)[...] if has_cap else None
+    (dz_ref,) = refs
+    r0 = jnp.minimum(pl.program_id(0) * bn, n - bn)
+    s = jnp.minimum(pl.program_id(1) * bv, w_ref.shape[0] - bv)
+    raw = _logits(x_ref, w_ref, r0, s, bn=bn, bv=bv, bd=bd, dim=dim)
+    ok, prob, target, smooth, shift, log_norm = (
+        rows_ref[pl.ds(r0, bn), pl.ds(c, 1)] for c in range(6)
+    )
+    cols = s + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
+    stats = _losses.RowStats(shift, log_norm)
+    coefs = _losses.GradCoefs(prob, target, smooth)
+    cw = cw_ref[:, pl.ds(s, bv)]
+    dz = xla.block_grads(raw, cap, cols == lab_ref[pl.ds(r0, bn), :], stats, coefs, cw)
+    # Blocks that overlap (clamped starts) write identical values there.
+    keep = (ok > 0) & (keep_ref[:, pl.ds(s, bv)] > 0)
+    dz_ref[pl.ds(r0, bn), pl.ds(s, bv)] = jnp.where(keep, dz, 0.0).astype(dz_ref.dtype)
+
+
+def logit_grads(x, w, class_weight, keep, labels, rows, cap, *, blocks: BlockSizes, interpret):
+    """``dz = d loss / d (x @ w.T)`` ``[N, V]`` in ``x.dtype`` (see ``pallas_tpu``)."""
+    n, v = x.shape[0], w.shape[0]
+    x, w, cw = _pad_small(x, w, class_weight)
+    keep = jnp.pad(keep, (0, w.shape[0] - v)).reshape(1, -1)
+    labels, rows = _pad_rows(labels, x.shape[0]), _pad_rows(rows, x.shape[0])
+    (np_, dim), vp = x.shape, w.shape[0]
+    bn, bv = _pow2_at_most(np_, blocks.block_n), _pow2_at_most(vp, blocks.block_v)
+    bd = _pow2_at_most(dim, blocks.block_d)
+    has_cap = cap is not None
+    kernel = functools.partial(_grad_kernel, n=np_, dim=dim, bn=bn, bv=bv, bd=bd, has_cap=has_cap)
+    args = [x, w, cw, keep, labels, rows]
+    args += [jnp.reshape(jnp.asarray(cap, jnp.float32), (1, 1))] if has_cap else []
+    dz = _call(
+        kernel,
+        (pl.cdiv(np_, bn), pl.cdiv(vp, bv)),
+        jax.ShapeDtypeStruct((np_, vp), x.dtype),
+        "softjax_lce_grad",
+        args,
+        interpret,
+    )
+    return dz[:n, :v]

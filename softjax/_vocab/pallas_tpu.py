@@ -1,0 +1,217 @@
+"""Mosaic TPU kernels of ``linear_cross_entropy``: logits blocks accumulated over D in VMEM.
+
+Both kernels run the grid ``(token blocks, class blocks, D steps)`` with the D axis innermost
+and sequential: step ``k`` adds ``x[i, k] @ w[j, k].T`` (``[bn, bd] x [bd, bv]``) to a float32
+``[bn, bv]`` VMEM accumulator, and the last step hands the finished logits block to an
+epilogue:
+
+* ``softjax_lce_fwd`` folds it into the per-row online logsumexp and smoothing statistics
+  (``xla.merge_block``, the code of the xla path). The class axis is sequential too, so the
+  ``[bn, 1]`` statistics stay resident in VMEM while they accumulate.
+* ``softjax_lce_grad`` turns it into the gradient block ``dz`` (``xla.block_grads``) and
+  writes it, in the operands' dtype, for the backward pass's matmuls.
+
+Ragged edges are masked, never padded in memory: columns past ``V`` get ``-inf`` logits and a
+zero gradient, rows past ``N`` are dropped when written, and the last D step zeroes the lanes
+past ``D`` of both operands (they hold whatever the VMEM buffer held).
+
+float32 operands are multiplied at ``Precision.HIGHEST`` (``nx.dot``): the MXU's default pass
+for float32 rounds both operands to bfloat16. bfloat16 operands are multiplied as they are and
+accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .. import _losses
+from .. import _numerics as nx
+from . import xla
+from .blocks import BlockSizes
+
+
+def _compiler_params(interpret: bool, *semantics):
+    if interpret:
+        return None
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=48 * 2**20)
+
+
+def _vmem(shape, dtype):
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.VMEM(shape, dtype)
+
+
+def _tiles(n, v, dim, blocks: BlockSizes, interpret: bool):
+    """Block sizes clipped to the problem (lane-aligned when compiled)."""
+    lane = 8 if interpret else 128
+    bn = min(blocks.block_n, _round_up(n, 8 if interpret else 16))
+    bv = min(blocks.block_v, _round_up(v, lane))
+    bd = min(blocks.block_d, _round_up(dim, lane))
+    return bn, bv, bd
+
+
+def _round_up(n, m):
+    return -(-n // m) * m
+
+
+def _accumulate(x_ref, w_ref, acc_ref, k, *, dim, bd):
+    """``acc += x_blk @ w_blk.T`` for D step ``k``; lanes past ``D`` of the last step zeroed."""
+
+    @pl.when(k == 0)
+    def _():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
+
+    x, w = x_ref[...], w_ref[...]
+    if dim % bd:
+        lanes = k * bd + lax.broadcasted_iota(jnp.int32, (1, bd), 1)
+        x = jnp.where(lanes < dim, x, jnp.zeros_like(x))
+        w = jnp.where(lanes < dim, w, jnp.zeros_like(w))
+    acc_ref[...] += nx.dot(x, w, (1, 1), acc_ref.dtype)
+
+
+def _operand_specs(bn, bv, bd):
+    return [
+        pl.BlockSpec((bn, bd), lambda i, j, k: (i, k)),
+        pl.BlockSpec((bv, bd), lambda i, j, k: (j, k)),
+        pl.BlockSpec((1, bv), lambda i, j, k: (0, j)),
+    ]
+
+
+def _class_weights(class_weight, v):
+    if class_weight is None:
+        return jnp.ones((1, v), jnp.float32)
+    return class_weight.astype(jnp.float32).reshape(1, v)
+
+
+def _cap_operand(cap):
+    """The softcap as a ``[1, 1]`` operand (it may be traced), or nothing."""
+    return [] if cap is None else [jnp.reshape(jnp.asarray(cap, jnp.float32), (1, 1))]
+
+
+def _columns(j, bv, num_classes):
+    cols = j * bv + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
+    return cols, cols < num_classes
+
+
+# ---------------------------------------------------------------------------------------
+# Forward: per-row statistics
+
+
+def _fwd_kernel(*refs, dim, num_classes, bv, bd, smoothing, has_cap):
+    x_ref, w_ref, cw_ref, *refs = refs
+    cap = refs.pop(0)[...] if has_cap else None
+    m_ref, r_ref, rc_ref, d_ref, ws_ref, acc_ref = refs
+    j, k, nk = pl.program_id(1), pl.program_id(2), pl.num_programs(2)
+
+    @pl.when((j == 0) & (k == 0))
+    def _():
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, m_ref.dtype)
+        for ref in (r_ref, rc_ref, d_ref, ws_ref):
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+    _accumulate(x_ref, w_ref, acc_ref, k, dim=dim, bd=bd)
+
+    @pl.when(k == nk - 1)
+    def _():
+        _, col_ok = _columns(j, bv, num_classes)
+        cw = cw_ref[...]
+        st = xla.Stats(m_ref[...], r_ref[...], rc_ref[...], d_ref[...])
+        st = xla.merge_block(st, nx.softcap(acc_ref[...], cap), col_ok, cw, ws_ref[...], smoothing)
+        m_ref[...], r_ref[...], rc_ref[...], d_ref[...] = st
+        ws_ref[...] += jnp.sum(jnp.where(col_ok, cw, 0.0), axis=-1, keepdims=True)
+
+
+def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: bool, interpret):
+    """Per-row :class:`xla.Stats` (``[N]`` each) of ``softcap(x @ w.T)``.
+
+    x ``[N, D]``, w ``[V, D]`` (same dtype), class_weight ``[V]`` or None.
+    """
+    n, dim = x.shape
+    v = w.shape[0]
+    bn, bv, bd = _tiles(n, v, dim, blocks, interpret)
+    grid = (pl.cdiv(n, bn), pl.cdiv(v, bv), pl.cdiv(dim, bd))
+    has_cap = cap is not None
+    in_specs = _operand_specs(bn, bv, bd)
+    in_specs += [pl.BlockSpec((1, 1), lambda i, j, k: (0, 0))] if has_cap else []
+    kernel = functools.partial(
+        _fwd_kernel, dim=dim, num_classes=v, bv=bv, bd=bd, smoothing=smoothing, has_cap=has_cap
+    )
+    outs = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((bn, 1), lambda i, j, k: (i, 0))] * 5,
+        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 5,
+        scratch_shapes=[_vmem((bn, bv), jnp.float32)],
+        compiler_params=_compiler_params(interpret, "parallel", "arbitrary", "arbitrary"),
+        interpret=interpret,
+        name="softjax_lce_fwd",
+    )(x, w, _class_weights(class_weight, v), *_cap_operand(cap))
+    return xla.Stats(*(a[:, 0] for a in outs[:4]))
+
+
+# ---------------------------------------------------------------------------------------
+# Backward: gradient blocks of the logits
+
+
+def _grad_kernel(*refs, dim, n, num_classes, bn, bv, bd, has_cap):
+    x_ref, w_ref, cw_ref, keep_ref, lab_ref, rows_ref, *refs = refs
+    cap = refs.pop(0)[...] if has_cap else None
+    dz_ref, acc_ref = refs
+    # Program ids are read here, outside `pl.when` (interpret mode substitutes them only at
+    # the top level of the kernel).
+    i, j, k, nk = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.num_programs(2)
+    _accumulate(x_ref, w_ref, acc_ref, k, dim=dim, bd=bd)
+
+    @pl.when(k == nk - 1)
+    def _():
+        cols, col_ok = _columns(j, bv, num_classes)
+        rows = i * bn + lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
+        ok, prob, target, smooth, shift, log_norm = (rows_ref[:, pl.ds(c, 1)] for c in range(6))
+        stats = _losses.RowStats(shift, log_norm)
+        coefs = _losses.GradCoefs(prob, target, smooth)
+        dz = xla.block_grads(acc_ref[...], cap, cols == lab_ref[...], stats, coefs, cw_ref[...])
+        keep = col_ok & (keep_ref[...] > 0) & (rows < n) & (ok > 0)
+        dz_ref[...] = jnp.where(keep, dz, 0.0).astype(dz_ref.dtype)
+
+
+def logit_grads(x, w, class_weight, keep, labels, rows, cap, *, blocks: BlockSizes, interpret):
+    """``dz = d loss / d (x @ w.T)`` ``[N, V]`` in ``x.dtype``, zero on excluded rows.
+
+    ``keep`` ``[V]`` float32: columns where it is 0 get a zero gradient (the classes a
+    previous chunk covered). ``labels`` ``[N, 1]`` int32 index ``w``'s rows; ``rows``
+    ``[N, 8]`` float32 are the per-row ``(ok, prob, target, smooth, shift, log_norm, 0, 0)``
+    of ``pallas.row_data``.
+    """
+    n, dim = x.shape
+    v = w.shape[0]
+    bn, bv, bd = _tiles(n, v, dim, blocks, interpret)
+    has_cap = cap is not None
+    in_specs = _operand_specs(bn, bv, bd) + [
+        pl.BlockSpec((1, bv), lambda i, j, k: (0, j)),
+        pl.BlockSpec((bn, 1), lambda i, j, k: (i, 0)),
+        pl.BlockSpec((bn, 8), lambda i, j, k: (i, 0)),
+    ]
+    in_specs += [pl.BlockSpec((1, 1), lambda i, j, k: (0, 0))] if has_cap else []
+    kernel = functools.partial(
+        _grad_kernel, dim=dim, n=n, num_classes=v, bn=bn, bv=bv, bd=bd, has_cap=has_cap
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, bn), pl.cdiv(v, bv), pl.cdiv(dim, bd)),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bn, bv), lambda i, j, k: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((n, v), x.dtype),
+        scratch_shapes=[_vmem((bn, bv), jnp.float32)],
+        compiler_params=_compiler_params(interpret, "parallel", "parallel", "arbitrary"),
+        interpret=interpret,
+        name="softjax_lce_grad",
+    )(x, w, _class_weights(class_weight, v), keep.reshape(1, v), labels, rows, *_cap_operand(cap))
