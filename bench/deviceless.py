@@ -22,6 +22,8 @@ import re
 import sys
 import time
 
+from .hlo_bytes import hbm_bytes
+
 TPU_TOPOLOGIES = {"v5e": "v5e:2x2", "v6e": "v6e:2x2", "v5p": "v5p:2x2x1"}
 TARGETS = ("h200", *TPU_TOPOLOGIES)
 H200_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "tests" / "targets" / "h200.txtpb"
@@ -88,9 +90,12 @@ def compile_for(target: str, fn, *shapes) -> dict:
     try:
         text = compiled.as_text()
     except Exception:  # some TPU executables cannot be printed by this jaxlib: use the module
-        text = lowered.as_text()
+        text = None
+    hbm = None if text is None else hbm_bytes(text)
+    text = text or lowered.as_text()
     mem = compiled.memory_analysis()
-    calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
+    calls = re.findall(r'custom_call_target="([^"]+)"', text)  # compiled HLO
+    calls = sorted(set(calls + re.findall(r"stablehlo.custom_call @([\w$.]+)", text)))
     return {
         "target": target,
         "temp_bytes": int(mem.temp_size_in_bytes),
@@ -99,6 +104,8 @@ def compile_for(target: str, fn, *shapes) -> dict:
         "custom_calls": calls,
         "kernel": any(k in c for c in calls for k in KERNEL_CALLS),
         "kernels": sorted(set(re.findall(r"softjax_lce_\w+", text))),
+        "hlo": "lowered" if hbm is None else "compiled",  # where calls and kernels were read
+        "hbm_bytes": hbm,  # None where the executable's HLO cannot be printed
         "compile_s": round(seconds, 2),
     }
 
@@ -150,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--impl", action="append", default=[], help="pallas, xla, naive, tokamax")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # Without it a second process compiling for a TPU (another target, another test worker)
+    # fails on libtpu's lockfile; nothing here holds a chip, so nothing is shared.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     heads = []
     for h in args.head or list(HEADS):
         if h in HEADS:

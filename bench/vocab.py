@@ -3,6 +3,10 @@
 * Memory: compiled temp size of ``value_and_grad`` with respect to ``(x, w)`` (exact, no
   run) at N=8192 tokens, D=2048, V=131072, bfloat16, and at V=65536 for the growth in V;
   a PNG of temp memory against V (8k..256k) for both.
+* Compiled for target (needs the ``accel`` extra): temp memory of ``value_and_grad`` compiled
+  for an H200 and TPU v5e/v6e/v5p from this machine (``bench.deviceless``; nothing runs) for
+  softjax pallas, softjax xla, the naive path and (TPU) tokamax's Mosaic kernel, side by side,
+  with the HBM bytes the executable's kernels move (``bench.hlo_bytes``).
 * Time: forward + backward at N=2048, D=512, V=32768 float32, interleaved medians, beside
   the naive path and, when installed, ``torch.nn.functional.linear_cross_entropy`` with
   its chunked options.
@@ -10,7 +14,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +26,7 @@ import optax
 
 import softjax
 
+from . import deviceless
 from .harness import median_times, temp_bytes, ulp_error
 
 
@@ -158,6 +166,69 @@ def time_rows(n, d, v, reps) -> list[dict]:
     return rows
 
 
+def _compile_target(target, heads, impls) -> list[dict]:
+    """``bench.deviceless`` rows for ``target`` (its own process: one TPU generation each)."""
+    cmd = [sys.executable, "-m", "bench.deviceless", "--target", target]
+    for h in heads:
+        cmd += ["--head", h]
+    for impl in impls:
+        cmd += ["--impl", impl]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0:
+        return [dict(target=target, error=proc.stderr.strip().splitlines()[-1:])]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def target_rows(heads) -> list[dict]:
+    """Side by side, per target and head: temp MiB and HBM GiB of each implementation."""
+    impls = ("pallas", "xla", "naive", "tokamax")
+    rows = []
+    for target in deviceless.TARGETS:
+        missing = deviceless.available(target)
+        if missing:
+            print(f"  {target}: skipped, needs {missing} (pip install -e '.[accel]')", flush=True)
+            continue
+        print(f"  compiling for {target}: {', '.join(heads)} ...", flush=True)
+        names = [i for i in impls if i != "tokamax" or target != "h200"]
+        by_head = {}
+        for r in _compile_target(target, heads, names):
+            by_head.setdefault(tuple(r.get("head", ())), {})[r.get("impl")] = r
+        for head, cells in by_head.items():
+            row = dict(target=target, head=list(head))
+            for impl, cell in cells.items():
+                if "error" in cell:
+                    row[f"{impl}_MiB"] = "error"
+                    continue
+                row[f"{impl}_MiB"] = cell["temp_bytes"] / 2**20
+                row[f"{impl}_kernel"] = cell["kernel"]
+                if cell.get("hbm_bytes") is not None:
+                    row[f"{impl}_HBM_GiB"] = cell["hbm_bytes"] / 2**30
+            # The shared columns: softjax pallas against the naive path.
+            row.update(
+                op="linear_cross_entropy",
+                case=f"{target} compiled D={head[0]} V={head[1]}",
+                dtype=head[2] if head else None,
+                peer="x@w.T + optax",
+                softjax_MiB=row.get("pallas_MiB"),
+                peer_MiB=row.get("naive_MiB"),
+            )
+            rows.append(row)
+    return rows
+
+
+def format_target_rows(rows) -> str:
+    cols = ["pallas_MiB", "xla_MiB", "naive_MiB", "tokamax_MiB", "pallas_HBM_GiB", "naive_HBM_GiB"]
+    cell = lambda v: "-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["target head (D,V,dtype,N)".ljust(40) + " ".join(c.rjust(15) for c in cols)]
+    for r in rows:
+        head = ",".join(map(str, r.get("head", [])))
+        lines.append(
+            f"{r['target']} {head}".ljust(40) + " ".join(cell(r.get(c)).rjust(15) for c in cols)
+        )
+    return "\n".join(lines)
+
+
 def run(args) -> list[dict]:
     if args.quick:
         n, d, vs, plot_vs = 512, 128, (4096, 8192), (4096, 8192)
@@ -171,6 +242,14 @@ def run(args) -> list[dict]:
         growth = rows[1]["softjax_MiB"] / rows[0]["softjax_MiB"]
         rows[1]["case"] += f" (x{growth:.3f} vs V/2)"
     rows += time_rows(tn, td, tv, reps)
+    if not args.quick:
+        # One head by default (four targets, a minute each); every head of the table with --large.
+        heads = list(deviceless.HEADS) if args.large else ["llama3-8b"]
+        compiled = target_rows(heads)
+        if compiled:
+            print("compiled for target (temp memory of value_and_grad, nothing run):")
+            print(format_target_rows(compiled), flush=True)
+            rows += compiled
     os.makedirs(args.out, exist_ok=True)
     path = memory_plot(n, d, plot_vs, jnp.bfloat16, os.path.join(args.out, "vocab_memory.png"))
     if path:

@@ -222,6 +222,18 @@ def test_confident_row_keeps_its_tiny_loss(small_blocks):
     np.testing.assert_allclose(out, expect, rtol=tol(F32))
 
 
+@pytest.mark.parametrize("rows", [8, 37])
+def test_target_dots_gathered_in_token_chunks_equal_one_gather(rows):
+    # 37 tokens in chunks of 8: four chunks and a fifth clamped onto the fourth's rows.
+    x, w, y = make(37, 40, 300, dtype=F64)
+    y = y.at[0].set(-100).at[5].set(299)
+    one = xla.target_dots(x, w, y)
+    z = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    np.testing.assert_allclose(one, z[np.arange(37), np.clip(np.asarray(y), 0, 299)], rtol=1e-12)
+    chunked = jax.jit(functools.partial(xla.target_dots_chunked, rows=rows))(x, w, y)
+    np.testing.assert_array_equal(chunked, one)
+
+
 def test_jit_and_vmap():
     x, w, y = make(12, 8, 300)
     f = jax.jit(lambda x, y: softjax.linear_cross_entropy(x, w, y, reduction="sum"))
@@ -520,6 +532,15 @@ def test_pallas_refusals_name_what_is_missing():
     x, w, y = make(8, 16, 40, F64)
     with pytest.raises(NotImplementedError, match="float64"):
         softjax.linear_cross_entropy(x, w, y, implementation="pallas")
+    # Labels travel to the gradient kernels as float32: exact below 2**24 classes.
+    huge = jax.ShapeDtypeStruct((2**24, 8), F32)
+    with pytest.raises(NotImplementedError, match="fewer than 2\\*\\*24 classes"):
+        jax.eval_shape(
+            functools.partial(softjax.linear_cross_entropy, implementation="pallas"),
+            jax.ShapeDtypeStruct((4, 8), F32),
+            huge,
+            jax.ShapeDtypeStruct((4,), jnp.int32),
+        )
     with pytest.raises(ValueError, match="block_v must be a positive multiple of 8"):
         BlockSizes(16, 12, 128)
     with pytest.raises(ValueError, match="chunk_n must be a positive multiple of 8"):

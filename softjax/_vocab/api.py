@@ -358,7 +358,7 @@ def linear_cross_entropy(
         smoothing=smoothing is None or bool(smoothing != 0),
     )
     if impl == "pallas":
-        pallas.check_supported(mm_dtype)
+        pallas.check_supported(mm_dtype, v_local)
 
     x2 = x.astype(mm_dtype).reshape(n, x.shape[-1])
     if _single_pass_applies(cfg, reduction, mm_dtype):

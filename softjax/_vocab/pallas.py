@@ -41,8 +41,13 @@ from .blocks import BlockSizes
 PLATFORMS = ("tpu", "cuda", "rocm", "cpu")
 
 
-def check_supported(dtype) -> None:
+def check_supported(dtype, num_classes: int = 0) -> None:
     """NotImplementedError naming what is missing, for a call these kernels cannot serve."""
+    if num_classes >= 2**24:
+        raise NotImplementedError(
+            f"implementation='pallas' takes fewer than 2**24 classes per call (got "
+            f"{num_classes}: labels travel as float32); use implementation='xla'"
+        )
     if np.dtype(dtype) == np.float64:
         raise NotImplementedError(
             "implementation='pallas' has no float64 kernel (TPUs and GPU matmul units have no "
@@ -82,23 +87,34 @@ def forward_stats(x, w, class_weight, cap, *, smoothing: bool, family=None, bloc
     return _per_platform("forward_stats", x, w, class_weight, cap, smoothing=smoothing)
 
 
-def row_data(row_ok, coefs, shift, log_norm):
-    """The per-row inputs of the gradient kernels as one ``[N, 8]`` float32 array
-    ``(ok, prob, target, smooth, shift, log_norm, 0, 0)`` (8 columns: Triton blocks have
-    power-of-two sizes)."""
-    cols = (row_ok, coefs.prob, coefs.target, coefs.smooth, shift, log_norm)
-    cols += (jnp.zeros_like(shift),) * 2
-    return jnp.stack([c.astype(jnp.float32) for c in cols], axis=1)
+def row_data(row_ok, coefs, shift, log_norm, labels):
+    """The per-row inputs of the gradient kernels, ``[8, N]`` float32: the rows
+    ``(ok, prob, target, smooth, shift, log_norm, label, 0)``.
+
+    Tokens along the minor axis because a TPU pads an array's minor dimension to 128 lanes:
+    ``[N, 8]`` (or a ``[N, 1]`` array per column) would cost ``N * 512`` bytes of HBM,
+    ``[8, N]`` costs ``N * 32``; the kernels transpose their blocks. 8 rows because Triton
+    blocks have power-of-two sizes. The label
+    (an index into this call's ``w``, possibly negative) is exact as a float32:
+    :func:`check_supported` keeps ``V`` below ``2**24``.
+    """
+    cols = (row_ok, coefs.prob, coefs.target, coefs.smooth, shift, log_norm, labels)
+    cols += (jnp.zeros_like(shift),)
+    return jnp.stack([c.astype(jnp.float32) for c in cols], axis=0)
 
 
-def _chunk(a, start, size):
-    return lax.dynamic_slice_in_dim(a, start, size, 0)
+LABEL = 6  # the label's row of row_data
 
 
-def _clamped(k, size, total):
-    """Start of chunk ``k`` clamped to ``total - size`` and its own rows ``[size]``."""
-    start = jnp.minimum(k * size, total - size)
-    return start, start + lax.iota(jnp.int32, size) >= k * size
+def _rows_chunk(rows, start, size, class_start, own=None):
+    """The ``[8, size]`` row data of tokens ``[start, start + size)``, labels
+    counted from ``class_start`` (a chunk of ``w``), and ``ok`` cleared where ``own`` is
+    False (tokens a previous chunk covered)."""
+    rows = lax.dynamic_slice_in_dim(rows, start, size, 1)
+    rows = rows.at[LABEL].add(-class_start.astype(rows.dtype))
+    if own is not None:
+        rows = rows.at[0].multiply(own.astype(rows.dtype))
+    return rows
 
 
 def backward(
@@ -124,8 +140,7 @@ def backward(
     n, dim = x.shape
     v = w.shape[0]
     dx_rows, dx_cols, dw_cols, dw_rows = _blocks.chunks(n, v, dim, blocks or BlockSizes.interpret())
-    rows = row_data(row_ok, coefs, shift, log_norm)
-    labels = labels.astype(jnp.int32).reshape(n, 1)
+    rows = row_data(row_ok, coefs, shift, log_norm, labels)
     cw = jnp.ones((v,), jnp.float32) if class_weight is None else class_weight
 
     def grads(*chunk):
@@ -134,15 +149,16 @@ def backward(
         return _per_platform("logit_grads", *chunk, cap)
 
     def dx_rows_chunk(i, dx):
-        r, _ = _clamped(i, dx_rows, n)
-        x_c, lab_c, rows_c = (_chunk(a, r, dx_rows) for a in (x, labels, rows))
+        r, _ = _blocks.clamped(i, dx_rows, n)
+        x_c = _blocks.chunk(x, r, dx_rows)
 
         def cols(j, acc):
-            s, own = _clamped(j, dx_cols, v)
-            w_c = _chunk(w, s, dx_cols)
+            s, own = _blocks.clamped(j, dx_cols, v)
+            w_c = _blocks.chunk(w, s, dx_cols)
             # Classes of the previous chunk (clamped start) must not reach dx twice.
             keep = own.astype(jnp.float32)
-            dz = grads(x_c, w_c, _chunk(cw, s, dx_cols), keep, lab_c - s, rows_c)
+            rows_c = _rows_chunk(rows, r, dx_rows, s)
+            dz = grads(x_c, w_c, _blocks.chunk(cw, s, dx_cols), keep, rows_c)
             return acc + nx.dot(dz, w_c, (1, 0), jnp.float32)
 
         acc = lax.fori_loop(0, -(-v // dx_cols), cols, jnp.zeros((dx_rows, dim), jnp.float32))
@@ -150,17 +166,16 @@ def backward(
         return lax.dynamic_update_slice_in_dim(dx, acc.astype(dx.dtype), r, 0)
 
     def dw_cols_chunk(j, dw):
-        s, _ = _clamped(j, dw_cols, v)
-        w_c, cw_c = _chunk(w, s, dw_cols), _chunk(cw, s, dw_cols)
+        s, _ = _blocks.clamped(j, dw_cols, v)
+        w_c, cw_c = _blocks.chunk(w, s, dw_cols), _blocks.chunk(cw, s, dw_cols)
 
         def toks(i, acc):
-            r, own = _clamped(i, dw_rows, n)
-            x_c = _chunk(x, r, dw_rows)
+            r, own = _blocks.clamped(i, dw_rows, n)
+            x_c = _blocks.chunk(x, r, dw_rows)
             # Tokens of the previous chunk must not reach dw twice: their rows are excluded.
-            rows_c = _chunk(rows, r, dw_rows)
-            rows_c = rows_c.at[:, 0].multiply(own.astype(rows_c.dtype))
+            rows_c = _rows_chunk(rows, r, dw_rows, s, own)
             keep = jnp.ones((dw_cols,), jnp.float32)
-            dz = grads(x_c, w_c, cw_c, keep, _chunk(labels, r, dw_rows) - s, rows_c)
+            dz = grads(x_c, w_c, cw_c, keep, rows_c)
             return acc + nx.dot(dz, x_c, (0, 0), jnp.float32)
 
         acc = lax.fori_loop(0, -(-n // dw_rows), toks, jnp.zeros((dw_cols, dim), jnp.float32))

@@ -151,37 +151,37 @@ def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: boo
 
 
 def _grad_kernel(*refs, n, dim, bn, bv, bd, has_cap):
-    x_ref, w_ref, cw_ref, keep_ref, lab_ref, rows_ref, *refs = refs
+    x_ref, w_ref, cw_ref, keep_ref, rows_ref, *refs = refs
     cap = refs.pop(0)[...] if has_cap else None
     (dz_ref,) = refs
     r0 = jnp.minimum(pl.program_id(0) * bn, n - bn)
     s = jnp.minimum(pl.program_id(1) * bv, w_ref.shape[0] - bv)
     raw = _logits(x_ref, w_ref, r0, s, bn=bn, bv=bv, bd=bd, dim=dim)
-    ok, prob, target, smooth, shift, log_norm = (
-        rows_ref[pl.ds(r0, bn), pl.ds(c, 1)] for c in range(6)
+    ok, prob, target, smooth, shift, log_norm, label = (
+        rows_ref[pl.ds(r0, bn), pl.ds(c, 1)] for c in range(7)
     )
     cols = s + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
     stats = _losses.RowStats(shift, log_norm)
     coefs = _losses.GradCoefs(prob, target, smooth)
     cw = cw_ref[:, pl.ds(s, bv)]
-    dz = xla.block_grads(raw, cap, cols == lab_ref[pl.ds(r0, bn), :], stats, coefs, cw)
+    dz = xla.block_grads(raw, cap, cols == label.astype(jnp.int32), stats, coefs, cw)
     # Blocks that overlap (clamped starts) write identical values there.
     keep = (ok > 0) & (keep_ref[:, pl.ds(s, bv)] > 0)
     dz_ref[pl.ds(r0, bn), pl.ds(s, bv)] = jnp.where(keep, dz, 0.0).astype(dz_ref.dtype)
 
 
-def logit_grads(x, w, class_weight, keep, labels, rows, cap, *, blocks: BlockSizes, interpret):
+def logit_grads(x, w, class_weight, keep, rows, cap, *, blocks: BlockSizes, interpret):
     """``dz = d loss / d (x @ w.T)`` ``[N, V]`` in ``x.dtype`` (see ``pallas_tpu``)."""
     n, v = x.shape[0], w.shape[0]
     x, w, cw = _pad_small(x, w, class_weight)
     keep = jnp.pad(keep, (0, w.shape[0] - v)).reshape(1, -1)
-    labels, rows = _pad_rows(labels, x.shape[0]), _pad_rows(rows, x.shape[0])
+    rows = _pad_rows(rows.T, x.shape[0])  # [N, 8]: GPU memory is not lane-padded
     (np_, dim), vp = x.shape, w.shape[0]
     bn, bv = _pow2_at_most(np_, blocks.block_n), _pow2_at_most(vp, blocks.block_v)
     bd = _pow2_at_most(dim, blocks.block_d)
     has_cap = cap is not None
     kernel = functools.partial(_grad_kernel, n=np_, dim=dim, bn=bn, bv=bv, bd=bd, has_cap=has_cap)
-    args = [x, w, cw, keep, labels, rows]
+    args = [x, w, cw, keep, rows]
     args += [jnp.reshape(jnp.asarray(cap, jnp.float32), (1, 1))] if has_cap else []
     dz = _call(
         kernel,

@@ -7,7 +7,12 @@ epilogue:
 
 * ``softjax_lce_fwd`` folds it into the per-row online logsumexp and smoothing statistics
   (``xla.merge_block``, the code of the xla path). The class axis is sequential too, so the
-  ``[bn, 1]`` statistics stay resident in VMEM while they accumulate.
+  ``[bn, 1]`` statistics stay in VMEM scratch while they accumulate; the last class block
+  writes them as the rows of one ``[8, bn]`` output block.
+
+Per-row data crosses HBM as ``[8, N]`` (rows of statistics, tokens along lanes) and is
+transposed inside the kernels: a TPU pads an array's minor dimension to 128 lanes, so an
+``[N, 8]`` or ``[N, 1]`` array would cost ``N * 512`` bytes of HBM, ``[8, N]`` costs ``N * 32``.
 * ``softjax_lce_grad`` turns it into the gradient block ``dz`` (``xla.block_grads``) and
   writes it, in the operands' dtype, for the backward pass's matmuls.
 
@@ -52,7 +57,8 @@ def _vmem(shape, dtype):
 def _tiles(n, v, dim, blocks: BlockSizes, interpret: bool):
     """Block sizes clipped to the problem (lane-aligned when compiled)."""
     lane = 8 if interpret else 128
-    bn = min(blocks.block_n, _round_up(n, 8 if interpret else 16))
+    # Tokens are the lanes of the [8, bn] row-data blocks.
+    bn = min(blocks.block_n, _round_up(n, lane))
     bv = min(blocks.block_v, _round_up(v, lane))
     bd = min(blocks.block_d, _round_up(dim, lane))
     return bn, bv, bd
@@ -108,25 +114,36 @@ def _columns(j, bv, num_classes):
 def _fwd_kernel(*refs, dim, num_classes, bv, bd, smoothing, has_cap):
     x_ref, w_ref, cw_ref, *refs = refs
     cap = refs.pop(0)[...] if has_cap else None
-    m_ref, r_ref, rc_ref, d_ref, ws_ref, acc_ref = refs
-    j, k, nk = pl.program_id(1), pl.program_id(2), pl.num_programs(2)
+    out_ref, acc_ref, *stat_refs = refs
+    j, nj = pl.program_id(1), pl.num_programs(1)
+    k, nk = pl.program_id(2), pl.num_programs(2)
 
     @pl.when((j == 0) & (k == 0))
     def _():
-        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, m_ref.dtype)
-        for ref in (r_ref, rc_ref, d_ref, ws_ref):
+        stat_refs[0][...] = jnp.full(stat_refs[0].shape, -jnp.inf, jnp.float32)
+        for ref in stat_refs[1:]:
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
     _accumulate(x_ref, w_ref, acc_ref, k, dim=dim, bd=bd)
 
     @pl.when(k == nk - 1)
     def _():
+        m_ref, r_ref, rc_ref, d_ref, ws_ref = stat_refs
         _, col_ok = _columns(j, bv, num_classes)
         cw = cw_ref[...]
         st = xla.Stats(m_ref[...], r_ref[...], rc_ref[...], d_ref[...])
         st = xla.merge_block(st, nx.softcap(acc_ref[...], cap), col_ok, cw, ws_ref[...], smoothing)
         m_ref[...], r_ref[...], rc_ref[...], d_ref[...] = st
         ws_ref[...] += jnp.sum(jnp.where(col_ok, cw, 0.0), axis=-1, keepdims=True)
+
+    @pl.when((k == nk - 1) & (j == nj - 1))
+    def _():
+        bn = acc_ref.shape[0]
+        lanes = lax.broadcasted_iota(jnp.int32, (bn, 8), 1)
+        cols = jnp.zeros((bn, 8), jnp.float32)
+        for c, ref in enumerate(stat_refs):
+            cols = jnp.where(lanes == c, ref[...], cols)
+        out_ref[...] = cols.T
 
 
 def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: bool, interpret):
@@ -144,18 +161,18 @@ def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: boo
     kernel = functools.partial(
         _fwd_kernel, dim=dim, num_classes=v, bv=bv, bd=bd, smoothing=smoothing, has_cap=has_cap
     )
-    outs = pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((bn, 1), lambda i, j, k: (i, 0))] * 5,
-        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 5,
-        scratch_shapes=[_vmem((bn, bv), jnp.float32)],
+        out_specs=pl.BlockSpec((8, bn), lambda i, j, k: (0, i)),
+        out_shape=jax.ShapeDtypeStruct((8, n), jnp.float32),
+        scratch_shapes=[_vmem((bn, bv), jnp.float32)] + [_vmem((bn, 1), jnp.float32)] * 5,
         compiler_params=_compiler_params(interpret, "parallel", "arbitrary", "arbitrary"),
         interpret=interpret,
         name="softjax_lce_fwd",
     )(x, w, _class_weights(class_weight, v), *_cap_operand(cap))
-    return xla.Stats(*(a[:, 0] for a in outs[:4]))
+    return xla.Stats(*out[:4])
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,7 +180,7 @@ def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: boo
 
 
 def _grad_kernel(*refs, dim, n, num_classes, bn, bv, bd, has_cap):
-    x_ref, w_ref, cw_ref, keep_ref, lab_ref, rows_ref, *refs = refs
+    x_ref, w_ref, cw_ref, keep_ref, rows_ref, *refs = refs
     cap = refs.pop(0)[...] if has_cap else None
     dz_ref, acc_ref = refs
     # Program ids are read here, outside `pl.when` (interpret mode substitutes them only at
@@ -175,21 +192,25 @@ def _grad_kernel(*refs, dim, n, num_classes, bn, bv, bd, has_cap):
     def _():
         cols, col_ok = _columns(j, bv, num_classes)
         rows = i * bn + lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
-        ok, prob, target, smooth, shift, log_norm = (rows_ref[:, pl.ds(c, 1)] for c in range(6))
+        cols_of_rows = rows_ref[...].T  # [bn, 8]
+        ok, prob, target, smooth, shift, log_norm, label = (
+            cols_of_rows[:, c : c + 1] for c in range(7)
+        )
         stats = _losses.RowStats(shift, log_norm)
         coefs = _losses.GradCoefs(prob, target, smooth)
-        dz = xla.block_grads(acc_ref[...], cap, cols == lab_ref[...], stats, coefs, cw_ref[...])
+        is_target = cols == label.astype(jnp.int32)
+        dz = xla.block_grads(acc_ref[...], cap, is_target, stats, coefs, cw_ref[...])
         keep = col_ok & (keep_ref[...] > 0) & (rows < n) & (ok > 0)
         dz_ref[...] = jnp.where(keep, dz, 0.0).astype(dz_ref.dtype)
 
 
-def logit_grads(x, w, class_weight, keep, labels, rows, cap, *, blocks: BlockSizes, interpret):
+def logit_grads(x, w, class_weight, keep, rows, cap, *, blocks: BlockSizes, interpret):
     """``dz = d loss / d (x @ w.T)`` ``[N, V]`` in ``x.dtype``, zero on excluded rows.
 
     ``keep`` ``[V]`` float32: columns where it is 0 get a zero gradient (the classes a
-    previous chunk covered). ``labels`` ``[N, 1]`` int32 index ``w``'s rows; ``rows``
-    ``[N, 8]`` float32 are the per-row ``(ok, prob, target, smooth, shift, log_norm, 0, 0)``
-    of ``pallas.row_data``.
+    previous chunk covered). ``rows`` ``[8, N]`` float32 are the per-row
+    ``(ok, prob, target, smooth, shift, log_norm, label, 0)`` of ``pallas.row_data``, the
+    label indexing ``w``'s rows.
     """
     n, dim = x.shape
     v = w.shape[0]
@@ -197,8 +218,7 @@ def logit_grads(x, w, class_weight, keep, labels, rows, cap, *, blocks: BlockSiz
     has_cap = cap is not None
     in_specs = _operand_specs(bn, bv, bd) + [
         pl.BlockSpec((1, bv), lambda i, j, k: (0, j)),
-        pl.BlockSpec((bn, 1), lambda i, j, k: (i, 0)),
-        pl.BlockSpec((bn, 8), lambda i, j, k: (i, 0)),
+        pl.BlockSpec((8, bn), lambda i, j, k: (0, i)),
     ]
     in_specs += [pl.BlockSpec((1, 1), lambda i, j, k: (0, 0))] if has_cap else []
     kernel = functools.partial(
@@ -214,4 +234,4 @@ def logit_grads(x, w, class_weight, keep, labels, rows, cap, *, blocks: BlockSiz
         compiler_params=_compiler_params(interpret, "parallel", "parallel", "arbitrary"),
         interpret=interpret,
         name="softjax_lce_grad",
-    )(x, w, _class_weights(class_weight, v), keep.reshape(1, v), labels, rows, *_cap_operand(cap))
+    )(x, w, _class_weights(class_weight, v), keep.reshape(1, v), rows, *_cap_operand(cap))

@@ -27,6 +27,8 @@ from jax import lax
 
 from .. import _losses
 from .. import _numerics as nx
+from .._lowering import platform_dependent
+from . import blocks as _blocks
 
 # The xla path holds a few [N, Bv] float32 blocks at a time: Bv is the largest power of two
 # with N * Bv <= this many elements (32 MiB of float32), clamped to [128, 4096].
@@ -196,15 +198,45 @@ def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool):
     return Stats(*(a[:, 0] for a in st))
 
 
-def target_logits(x, w, labels, cap):
-    """``softcap(x_i . w[y_i])`` [N] by a direct dot product with the gathered rows (no one-hot).
+def target_dots(x, w, labels):
+    """``x_i . w[y_i]`` [N] (compute dtype) with the rows of ``w`` gathered at once.
 
     Labels outside ``[0, V)`` read a clamped row: the callers mask or NaN those rows.
     """
-    dtype = nx.compute_dtype(x.dtype)
     w_y = w[jnp.clip(labels, 0, w.shape[0] - 1)]
-    raw = jnp.einsum("nd,nd->n", x, w_y, preferred_element_type=dtype)
-    return nx.softcap(raw, cap)
+    return jnp.einsum("nd,nd->n", x, w_y, preferred_element_type=nx.compute_dtype(x.dtype))
+
+
+def target_dots_chunked(x, w, labels, rows: int):
+    """:func:`target_dots` gathering ``rows`` tokens' rows of ``w`` at a time."""
+    n = x.shape[0]
+
+    def body(k, raw):
+        # Rows shared with the previous (clamped) chunk get the same value again.
+        start, _ = _blocks.clamped(k, rows, n)
+        x_c, labels_c = _blocks.chunk(x, start, rows), _blocks.chunk(labels, start, rows)
+        return lax.dynamic_update_slice_in_dim(raw, target_dots(x_c, w, labels_c), start, 0)
+
+    raw = match_vma(jnp.zeros((n,), nx.compute_dtype(x.dtype)), x, w, labels)
+    return lax.fori_loop(0, -(-n // rows), body, raw)
+
+
+def target_logits(x, w, labels, cap):
+    """``softcap(x_i . w[y_i])`` [N] by a direct dot product with the gathered rows (no one-hot).
+
+    Gathered at once the rows of ``w`` are an ``[N, D]`` temporary, as large as ``x``, so on
+    accelerators they are gathered a token chunk at a time (``blocks.token_chunk`` rows). Not
+    on XLA:CPU, which gathers bf16 through a float32 copy of all of ``w`` and hoists that copy
+    out of the loop (twice ``w``'s bytes): there one gather is the smaller. The choice is
+    made when lowering, per platform.
+    """
+    n, dim = x.shape
+    rows = _blocks.token_chunk(n, dim)
+    if rows == n:
+        return nx.softcap(target_dots(x, w, labels), cap)
+    chunked = functools.partial(target_dots_chunked, rows=rows)
+    raw = platform_dependent(x, w, labels, default=chunked, cpu=target_dots)
+    return nx.softcap(match_vma(raw, x, w, labels), cap)
 
 
 def backward(

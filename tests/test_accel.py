@@ -1,0 +1,90 @@
+"""``linear_cross_entropy``'s Pallas kernels compiled for real chips this machine lacks.
+
+Each target (an H200; TPU v5e, v6e, v5p) compiles ``value_and_grad`` of the loss at the
+output heads of real models in its own process (``python -m bench.deviceless``: libtpu
+serves one TPU generation per process), with the chip's real compiler — Mosaic, or XLA:GPU
+with Triton and ptxas — so VMEM, shared-memory and register limits are enforced. Nothing
+runs: these tests prove the kernels compile and how much memory the executable keeps, not
+their values (the interpret-mode tests in ``test_vocab.py`` do that, on the same kernel code).
+
+Needs the ``accel`` extra (``pip install -e ".[test,accel]"``, the README's test command).
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import deviceless
+
+pytestmark = pytest.mark.accel
+
+# The heads of the accelerator table, and the doubled vocabulary of the flatness check.
+HEADS = dict(deviceless.HEADS)
+FLAT_HEAD = "llama3-8b"
+HEADS["llama3-8b-2v"] = (4096, 2 * 131072, "bfloat16", 8192)
+
+# The executable keeps at most this fraction of the float32 logits `N*V*4` as temp memory.
+TEMP_FRACTION = 0.02
+# Flat in V: when V doubles, temp memory grows by at most this many bytes per added class —
+# a few float32 per class (class weights, column masks), nothing that scales with V * D
+# (a row of w is 8 KiB at D=4096 in bf16) or V * N.
+FLAT_BYTES_PER_CLASS = 16
+
+
+@functools.cache
+def compiled(target: str) -> dict:
+    """``{head name: deviceless.compile_head result}`` for every head, compiled for ``target``."""
+    missing = deviceless.available(target)
+    if missing:
+        pytest.skip(f"compiling for {target} needs {missing} (the accel extra)")
+    names = list(HEADS)
+    cmd = [sys.executable, "-m", "bench.deviceless", "--target", target, "--impl", "pallas"]
+    for name in names:
+        cmd += ["--head", ",".join(map(str, HEADS[name]))]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(names), proc.stdout + proc.stderr[-4000:]
+    return dict(zip(names, rows, strict=True))
+
+
+def _cell(target, head):
+    row = compiled(target)[head]
+    assert "error" not in row, f"{target} {head}: {row['error']}"
+    return row
+
+
+# One xdist group per target: its tests share one worker, so one compiling process.
+TARGETS = [pytest.param(t, marks=pytest.mark.xdist_group(t)) for t in deviceless.TARGETS]
+
+
+@pytest.mark.parametrize("head", list(deviceless.HEADS))
+@pytest.mark.parametrize("target", TARGETS)
+def test_kernel_compiles_with_temp_within_two_percent_of_the_logits(target, head):
+    row = _cell(target, head)
+    # The executable holds the compiled kernel (Mosaic or Triton), not an interpreted loop,
+    # and both kernels of the loss: the forward statistics and the logit gradients.
+    assert row["kernel"], row["custom_calls"]
+    assert row["kernels"] == ["softjax_lce_fwd", "softjax_lce_grad"], row["kernels"]
+    limit = TEMP_FRACTION * row["logits_f32_bytes"]
+    assert row["temp_bytes"] <= limit, (
+        f"{target} {head}: temp {row['temp_bytes'] / 2**20:.1f} MiB > "
+        f"{limit / 2**20:.1f} MiB (2% of the float32 logits)"
+    )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_temp_memory_is_flat_when_the_vocabulary_doubles(target):
+    one, two = _cell(target, FLAT_HEAD), _cell(target, FLAT_HEAD + "-2v")
+    added = HEADS[FLAT_HEAD + "-2v"][1] - HEADS[FLAT_HEAD][1]
+    per_class = (two["temp_bytes"] - one["temp_bytes"]) / added
+    assert per_class <= FLAT_BYTES_PER_CLASS, (
+        f"{target}: temp {one['temp_bytes']} -> {two['temp_bytes']} bytes when V doubles, "
+        f"{per_class:.1f} bytes per added class"
+    )

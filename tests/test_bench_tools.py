@@ -1,0 +1,51 @@
+"""The measuring tools of the bench: HBM bytes from compiled HLO, and the device check."""
+
+import jax
+import jax.numpy as jnp
+
+from bench import device_check, hlo_bytes
+
+
+def _bytes(fn, *args):
+    return hlo_bytes.hbm_bytes(jax.jit(fn).lower(*args).compile().as_text())
+
+
+def test_shape_bytes_counts_every_array_of_a_tuple():
+    assert hlo_bytes.shape_bytes("f32[1000]{0}") == 4000
+    assert hlo_bytes.shape_bytes("(bf16[8,16]{1,0}, s32[], pred[3])") == 256 + 4 + 3
+    assert hlo_bytes.shape_bytes("s4[3]") == 2
+
+
+def test_one_fused_kernel_moves_its_input_and_output_once():
+    x = jax.ShapeDtypeStruct((1024, 256), jnp.float32)
+    # One fusion: reads x (1 MiB), writes the row sums (4 KiB).
+    assert _bytes(lambda x: jnp.sum(jnp.exp(x) * 2.0, axis=1), x) == 1024 * 256 * 4 + 1024 * 4
+
+
+def test_a_loop_counts_its_body_per_trip_and_a_slice_as_the_slice():
+    n, chunk = 4096, 512
+    x = jax.ShapeDtypeStruct((n, 128), jnp.float32)
+
+    def chunked_sum(x):
+        def body(i, acc):
+            return acc + jnp.sum(jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk), axis=0)
+
+        return jax.lax.fori_loop(0, n // chunk, body, jnp.zeros((128,), jnp.float32))
+
+    moved, size = _bytes(chunked_sum, x), n * 128 * 4
+    # XLA:CPU slices each chunk out (read + write) and reduces it (read): 3x x's bytes plus
+    # the accumulator's, where counting the sliced operand whole would give 8 trips x 2x.
+    assert 3 * size <= moved <= 3 * size + 64 * 1024, moved / size
+
+
+def test_device_check_smoke_agrees_on_this_backend(tmp_path, capsys):
+    # On CPU the Pallas kernels run interpreted: this proves the script, not the chip.
+    rc = device_check.main(["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert (tmp_path / "device_check.json").exists()
+    assert "6/6 checks pass" in out
+
+
+def test_device_check_refuses_to_call_a_cpu_run_native(tmp_path):
+    assert device_check.main(["--out", str(tmp_path)]) == 2
