@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import sys
+import tempfile
 import time
 
 from .hlo_bytes import hbm_bytes
@@ -70,12 +71,35 @@ def device(target: str):
     return topo.devices[0]
 
 
-def compile_for(target: str, fn, *shapes) -> dict:
+# XLA writes each compiled module's optimised HLO here when DUMP_ENV names a folder (set by
+# `main` before jax starts): on this jaxlib `compiled.as_text()` aborts the process for some
+# TPU v6e/v5p executables, and a dump is what the compiler itself prints.
+DUMP_ENV = "SOFTJAX_HLO_DUMP"
+
+
+def optimized_hlo(target: str, compiled) -> str | None:
+    """The optimised HLO text of the last compiled module, or None where it is not readable."""
+    folder = os.environ.get(DUMP_ENV)
+    if folder and os.path.isdir(folder):
+        dumps = sorted(
+            pathlib.Path(folder).glob("*after_optimizations.txt"), key=lambda p: p.stat().st_mtime
+        )
+        return dumps[-1].read_text() if dumps else None
+    if target in ("v6e", "v5p"):
+        return None
+    return compiled.as_text()
+
+
+def compile_for(target: str, fn, *shapes, as_default_device: bool = False) -> dict:
     """Compiles ``fn`` for ``target`` at ``shapes`` (``(shape, dtype)`` pairs).
 
-    Returns the compiled executable's temp memory, the kernel custom calls it holds, and
-    the compile time.
+    Returns the compiled executable's temp memory, the kernel custom calls it holds, the HBM
+    bytes its kernels move and the compile time. ``as_default_device`` makes the target's
+    device jax's default while tracing, for code that picks its kernel from the default
+    device (tokamax); softjax's own code needs no such help.
     """
+    import contextlib
+
     import jax
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -84,15 +108,14 @@ def compile_for(target: str, fn, *shapes) -> dict:
     spec = NamedSharding(mesh, P())
     args = [jax.ShapeDtypeStruct(s, d, sharding=spec) for s, d in shapes]
     t0 = time.perf_counter()
-    lowered = jax.jit(fn).lower(*args)
-    compiled = lowered.compile()
+    default = jax.default_device(mesh.devices.flat[0]) if as_default_device else None
+    with default or contextlib.nullcontext():
+        lowered = jax.jit(fn).lower(*args)
+        compiled = lowered.compile()
     seconds = time.perf_counter() - t0
-    try:
-        text = compiled.as_text()
-    except Exception:  # some TPU executables cannot be printed by this jaxlib: use the module
-        text = None
+    text = optimized_hlo(target, compiled)
     hbm = None if text is None else hbm_bytes(text)
-    text = text or lowered.as_text()
+    text = text or lowered.as_text()  # the kernels' custom calls are in the module too
     mem = compiled.memory_analysis()
     calls = re.findall(r'custom_call_target="([^"]+)"', text)  # compiled HLO
     calls = sorted(set(calls + re.findall(r"stablehlo.custom_call @([\w$.]+)", text)))
@@ -145,7 +168,7 @@ def compile_head(target: str, head: tuple, impl: str = "pallas") -> dict:
 
     dim, v, dtype, n = head
     shapes = [((n, dim), dtype), ((v, dim), dtype), ((n,), jnp.int32)]
-    out = compile_for(target, loss_fn(impl), *shapes)
+    out = compile_for(target, loss_fn(impl), *shapes, as_default_device=impl == "tokamax")
     out.update(impl=impl, head=list(head), logits_f32_bytes=n * v * 4)
     return out
 
@@ -156,10 +179,20 @@ def main(argv=None) -> int:
     parser.add_argument("--head", action="append", default=[], help="D,V,dtype,N or a name")
     parser.add_argument("--impl", action="append", default=[], help="pallas, xla, naive, tokamax")
     args = parser.parse_args(argv)
+    sys.argv = sys.argv[:1]  # tokamax parses absl flags from sys.argv, which are ours
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     # Without it a second process compiling for a TPU (another target, another test worker)
     # fails on libtpu's lockfile; nothing here holds a chip, so nothing is shared.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    with tempfile.TemporaryDirectory() as dump:
+        if "jax" not in sys.modules:  # XLA reads its flags once, when it starts
+            os.environ[DUMP_ENV] = dump
+            flags = f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_"
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+        return _run(args)
+
+
+def _run(args) -> int:
     heads = []
     for h in args.head or list(HEADS):
         if h in HEADS:

@@ -5,8 +5,10 @@ and write are their time, and unlike a timing the count is exact and noise-free.
 
 * every kernel launch (a fusion, custom call — a Pallas kernel among them —, dot, copy,
   reduce, ...) of the entry computation moves its operands and its result;
-* a ``while`` loop's body counts ``known_trip_count`` times (once when XLA does not know it),
-  a ``conditional`` counts its largest branch;
+* a ``while`` loop's body counts ``known_trip_count`` times; where XLA does not record it
+  (the TPU compiler), the bound of a ``fori_loop``'s condition ``i < K`` (one integer
+  constant compared with the counter, which starts at 0 and steps by 1); otherwise once. A
+  ``conditional`` counts its largest branch;
 * a fusion that only dynamic-slices an operand reads the slice, not the operand, and one
   whose root dynamic-update-slices an operand in place moves the update, not the buffer (the
   two ways a loop walks a large array chunk by chunk).
@@ -155,6 +157,32 @@ def _fusion_bytes(inst, shapes, fused) -> int:
     return total
 
 
+def trip_count(inst: Instruction, cond: list[Instruction], computations: dict) -> int:
+    """Trips of a ``while`` loop: XLA's ``known_trip_count``, else the ``K`` of a condition
+    ``i < K`` (its root compares a counter with one integer constant, possibly inside a
+    fusion), else 1."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
+    if known:
+        return int(known.group(1))
+    root = next((i for i in cond if i.root), None)
+    if root is not None and root.opcode == "fusion":
+        fused = computations[_called(root.attrs, "calls")[0]]
+        compare = next((i for i in fused if i.root), None)
+        if compare is None or compare.opcode != "compare":
+            return 1
+        root = dataclasses.replace(root, opcode="compare", attrs=compare.attrs)
+    consts = {
+        i.name: i.args
+        for i in cond
+        if i.opcode == "constant" and re.match(r"[su](32|64)\[\]", i.shape)
+    }
+    if root is not None and root.opcode == "compare" and "direction=LT" in root.attrs:
+        bounds = [consts[o] for o in root.operands if o in consts]
+        if len(bounds) == 1 and bounds[0].lstrip("-").isdigit():
+            return max(int(bounds[0]), 1)
+    return 1
+
+
 def computation_bytes(name: str, computations: dict) -> int:
     """Bytes moved by one run of computation ``name``."""
     body = computations[name]
@@ -164,10 +192,9 @@ def computation_bytes(name: str, computations: dict) -> int:
         if inst.opcode in _FREE:
             continue
         if inst.opcode == "while":
-            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
-            n = int(trips.group(1)) if trips else 1
             (loop,) = _called(inst.attrs, "body")
             (cond,) = _called(inst.attrs, "condition")
+            n = trip_count(inst, computations[cond], computations)
             total += n * computation_bytes(loop, computations)
             total += (n + 1) * computation_bytes(cond, computations)
         elif inst.opcode == "conditional":

@@ -223,9 +223,9 @@ def _single_pass_applies(cfg: Config, reduction: str, dtype) -> bool:
 
 
 def _default_implementation() -> str:
-    # The Pallas kernels are verified in interpret mode and by lowering for TPU and CUDA,
-    # but have not run on hardware yet; until they have, the streaming XLA path (which runs
-    # everywhere) is the default on every platform.
+    # The Pallas kernels are verified in interpret mode and compiled (deviceless) for an
+    # H200 and TPU v5e/v6e/v5p, but have not run on a chip yet; until they have
+    # (python -m bench.device_check), the streaming XLA path is the default everywhere.
     return "xla"
 
 
@@ -277,7 +277,9 @@ def linear_cross_entropy(
         per-device max, sum and target logit are combined with ``pmax``/``psum``, ``w`` and
         the logits are never gathered.
       implementation: "xla" (streaming ``lax.fori_loop``, any backend), "pallas" (Pallas
-        kernels; interpreted on CPU, slow, for tests) or None (the best for the platform).
+        kernels: Mosaic on TPU, Triton on GPU, chosen when lowering, so a function compiled
+        or exported for another platform holds that platform's kernel; interpreted on CPU,
+        slow, for tests) or None ("xla" for now, on every platform).
 
     Returns:
       float32 (float64 for float64 inputs): a scalar, or ``labels``' shape for "none".

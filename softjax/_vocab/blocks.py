@@ -19,10 +19,10 @@ import jax.numpy as jnp
 from jax import lax
 
 # Elements of each float32 accumulator ([chunk, D]) and of each gradient chunk of the
-# backward pass: 2**20 float32 is 4 MiB, and the pass keeps about four such chunks at once
+# backward pass: 2**21 float32 is 8 MiB, and the pass keeps about two such chunks at once
 # (an accumulator, its gradient chunk, the operand slices): ~16 MiB whatever N, V and D,
 # under 2 % of the float32 logits from 8192 tokens x 32000 classes up.
-CHUNK_ELEMENTS = 2**20
+CHUNK_ELEMENTS = 2**21
 MIN_CHUNK = 128
 
 # The smallest VMEM of the TPU generations softjax targets (v5p: 64 MiB per core; v5e and
