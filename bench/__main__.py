@@ -4,50 +4,98 @@ Each op family is a module of this package with ``run(args) -> list[dict]``; row
 columns below. Times are medians of interleaved runs after warm-up (ratios, not absolute
 figures, are what carry across machines), memory is XLA's compiled temp size, errors are
 against a float64 reference.
+
+The default run takes a few minutes on two CPU cores (sizes chosen to keep every family's
+point: full-length rows, realistic vocabulary heads compiled, not run); ``--full`` runs the
+sizes of the README's table (about 17 minutes there), ``--quick`` is a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
+import math
+import os
 import platform
 import sys
 import time
 
-import jax
+
+def _quiet_missing_gpu() -> None:
+    """On a machine without an NVIDIA driver where the CUDA plugin is installed (the
+    ``accel`` extra, for compiling for an H200 from here), jax prints a long traceback
+    before falling back to the CPU: say which platforms to use instead."""
+    if "JAX_PLATFORMS" in os.environ or os.path.exists("/proc/driver/nvidia"):
+        return
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        return
+    tpu = any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0"))
+    os.environ["JAX_PLATFORMS"] = "tpu,cpu" if tpu else "cpu"
+
+
+_quiet_missing_gpu()
+
+import jax  # noqa: E402
 
 # Op families, in the order they are run; each is ``bench/<name>.py``.
 MODULES = ["softmax_family", "losses", "vocab", "attention", "sampling"]
 
-COLUMNS = [
-    ("family", 10),
-    ("op", 26),
-    ("case", 22),
-    ("dtype", 8),
-    ("peer", 22),
-    ("time_ratio", 10),
-    ("softjax_ms", 10),
-    ("peer_ms", 9),
-    ("softjax_MiB", 11),
-    ("peer_MiB", 9),
-    ("softjax_err", 11),
-    ("peer_err", 9),
-]
+# Share of the run's time each family takes (measured), for the progress line's estimate.
+WEIGHTS = {"softmax_family": 0.2, "losses": 0.3, "vocab": 0.25, "attention": 0.15, "sampling": 0.1}
+
+COLUMNS = {
+    "family": "op family (a module of bench/)",
+    "op": "the softjax function",
+    "case": "shape and what is measured (fwd, fwd+bwd, mem = compiled only)",
+    "dtype": "input dtype",
+    "peer": "what softjax is compared with",
+    "time_ratio": "softjax time / peer time (median of interleaved runs; < 1: softjax faster)",
+    "softjax_ms": "softjax median time, ms",
+    "peer_ms": "peer median time, ms",
+    "softjax_MiB": "softjax compiled temp memory, MiB",
+    "peer_MiB": "peer compiled temp memory, MiB",
+    "softjax_err": "softjax max error against float64 (ulp of the output dtype, or relative)",
+    "peer_err": "peer max error against float64, same unit",
+}
+
+
+def cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
 
 
 def format_table(rows: list[dict]) -> str:
-    def cell(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
-        return str(v)
-
-    lines = [" ".join(name.ljust(width) for name, width in COLUMNS)]
-    for r in rows:
-        lines.append(" ".join(cell(r.get(name)).ljust(width) for name, width in COLUMNS))
+    """The rows under the shared columns, each column as wide as its widest cell."""
+    names = list(COLUMNS)
+    cells = [[cell(r.get(name)) for name in names] for r in rows]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    lines = [" ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)).rstrip()]
+    for c in cells:
+        lines.append(" ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
     return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """One line: softjax against its peers over every row that measured the quantity."""
+    ratios = [r["time_ratio"] for r in rows if isinstance(r.get("time_ratio"), float)]
+    mem = [r for r in rows if isinstance(r.get("softjax_MiB"), float) and r.get("peer_MiB")]
+    err = [r for r in rows if isinstance(r.get("softjax_err"), float) and r.get("peer_err")]
+    parts = []
+    if ratios:
+        geo = math.exp(sum(math.log(max(x, 1e-12)) for x in ratios) / len(ratios))
+        parts.append(f"time ratio geomean {geo:.2f} over {len(ratios)} rows")
+    if mem:
+        lean = sum(r["softjax_MiB"] <= r["peer_MiB"] for r in mem)
+        parts.append(f"memory <= peer in {lean}/{len(mem)}")
+    if err:
+        exact = sum(r["softjax_err"] <= r["peer_err"] for r in err)
+        parts.append(f"error <= peer in {exact}/{len(err)}")
+    return "summary: softjax vs peer: " + ("; ".join(parts) if parts else "no rows")
 
 
 def machine() -> str:
@@ -58,33 +106,54 @@ def machine() -> str:
     )
 
 
+def parser() -> argparse.ArgumentParser:
+    columns = "\n".join(f"  {name:<12} {text}" for name, text in COLUMNS.items())
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        epilog=f"columns:\n{columns}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes, a smoke test (~30 s)")
+    p.add_argument("--full", action="store_true", help="the README's sizes (~17 min, 2 cores)")
+    p.add_argument("--large", action="store_true", help="add the largest sizes")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of {MODULES}")
+    p.add_argument("--json", default=None, help="write all rows as JSON to this path")
+    p.add_argument("--out", default="bench_out", help="folder for plots (PNG)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per function")
+    return p
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
-    parser.add_argument("--large", action="store_true", help="add the largest sizes")
-    parser.add_argument("--only", default=None, help=f"comma-separated subset of {MODULES}")
-    parser.add_argument("--json", default=None, help="write all rows as JSON to this path")
-    parser.add_argument("--out", default="bench_out", help="folder for plots (PNG)")
-    parser.add_argument("--reps", type=int, default=None, help="timed runs per function")
-    args = parser.parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
     names = MODULES if args.only is None else args.only.split(",")
     unknown = sorted(set(names) - set(MODULES))
     if unknown:
-        parser.error(f"unknown --only {unknown}; choose from {MODULES}")
-    print(f"# softjax bench on {machine()}", flush=True)
-    all_rows = []
-    for name in names:
+        cli.error(f"unknown --only {unknown}; choose from {MODULES}")
+    tier = "quick" if args.quick else "full" if args.full else "default"
+    print(f"# softjax bench ({tier} sizes) on {machine()}", flush=True)
+    all_rows, start = [], time.perf_counter()
+    total = sum(WEIGHTS[n] for n in names)
+    done = 0.0
+    for k, name in enumerate(names, 1):
+        elapsed = time.perf_counter() - start
+        eta = f", about {elapsed * (total - done) / done:.0f} s left" if done else ""
+        print(f"\n[{k}/{len(names)}] {name} ... ({elapsed:.0f} s so far{eta})", flush=True)
         t0 = time.perf_counter()
         module = importlib.import_module(f"bench.{name}")
         rows = module.run(args)
         for r in rows:
             r.setdefault("family", name)
-        print(f"\n## {name} ({time.perf_counter() - t0:.0f} s)\n{format_table(rows)}", flush=True)
+        done += WEIGHTS[name]
+        took = time.perf_counter() - t0
+        print(f"## {name}: {len(rows)} rows in {took:.0f} s\n{format_table(rows)}", flush=True)
         all_rows.extend(rows)
+    print(f"\n{summary(all_rows)}; {time.perf_counter() - start:.0f} s in all", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "rows": all_rows}, f, indent=1)
-        print(f"\nwrote {args.json}")
+        print(f"wrote {args.json}")
     return 0
 
 

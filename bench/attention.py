@@ -20,7 +20,7 @@ import numpy as np
 
 import softjax
 
-from .harness import median_times, temp_bytes
+from .harness import median_times, note, temp_bytes, tier
 
 N, H = 8, 64
 
@@ -49,6 +49,7 @@ def _torch_fns(q, k, v):
     try:
         import torch
     except ImportError:
+        note("torch SDPA rows skipped: torch is not installed")
         return None, None
     tq, tk, tv = (torch.tensor(np.asarray(x)).transpose(1, 2).contiguous() for x in (q, k, v))
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -192,17 +193,19 @@ def _plot(curve, path):
 
 
 def run(args) -> list[dict]:
-    quick = args.quick
-    reps = args.reps or (2 if quick else 3)
-    rows = _headline(512 if quick else 4096, reps)
-    lengths = [256, 512, 1024] if quick else [512, 1024, 2048, 4096, 8192, 16384, 32768]
-    timed = [256, 512] if quick else [512, 1024, 2048]
+    reps = args.reps or tier(args, 2, 3, 3)
+    rows = _headline(tier(args, 512, 2048, 4096), reps)
+    full = [512, 1024, 2048, 4096, 8192, 16384, 32768]
+    lengths = tier(args, [256, 512, 1024], full[:5], full)
+    timed = tier(args, [256, 512], [512, 1024], [512, 1024, 2048])
     scaling_rows, curve = _scaling(lengths, timed, args.large, reps)
     rows += scaling_rows
-    rows += _crossover([128, 256] if quick else [256, 512, 1024, 2048], reps)
+    rows += _crossover(tier(args, [128, 256], [256, 512, 1024], [256, 512, 1024, 2048]), reps)
     os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "attention.png")
     try:
-        _plot(curve, os.path.join(args.out, "attention.png"))
+        _plot(curve, path)
+        note(f"wrote {path}")
     except ImportError:
-        pass
+        note("attention plot skipped: matplotlib is not installed (pip install matplotlib)")
     return rows

@@ -13,6 +13,22 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+_NOTED: set[str] = set()
+
+
+def note(message: str) -> None:
+    """Prints ``message`` (what a run skipped, where it wrote) once per run."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"  {message}", flush=True)
+
+
+def tier(args, quick, default, full):
+    """The setting of the run's size tier: ``--quick``, the default, or ``--full``."""
+    if getattr(args, "quick", False):
+        return quick
+    return full if getattr(args, "full", False) else default
+
 
 def block(x):
     return jax.tree_util.tree_map(

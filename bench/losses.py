@@ -9,7 +9,7 @@ import optax
 
 import softjax as sj
 
-from .harness import compare_row, median_times
+from .harness import compare_row, median_times, tier
 
 
 def _rel_err_ulps(value, ref: float) -> float:
@@ -27,8 +27,8 @@ def bce_reference(x64: np.ndarray, t64: np.ndarray) -> float:
 
 
 def run(args) -> list[dict]:
-    shape = (64, 1024) if args.quick else (2048, 32768)
-    reps = args.reps or (3 if args.quick else 7)
+    shape = tier(args, (64, 1024), (256, 32768), (2048, 32768))
+    reps = args.reps or tier(args, 3, 5, 7)
     rng = np.random.default_rng(0)
     x32 = (rng.standard_normal(shape) * 3).astype(np.float32)
     labels = jnp.asarray(rng.integers(0, shape[1], shape[0]), jnp.int32)

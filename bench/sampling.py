@@ -16,7 +16,7 @@ import numpy as np
 from softjax import sample
 from softjax.sampling import filter_logits, filter_logits_reference, sample_reference
 
-from .harness import median_times, temp_bytes
+from .harness import median_times, temp_bytes, tier
 
 
 def _logits(b: int, v: int) -> jax.Array:
@@ -28,9 +28,9 @@ def _logits(b: int, v: int) -> jax.Array:
 
 
 def run(args) -> list[dict]:
-    b, v = (8, 32768) if args.quick else (64, 262144)
-    # The sort-based peer takes seconds a call at full size: few runs keep the default ~1 min.
-    reps = args.reps or (3 if args.quick else 2)
+    b, v = tier(args, (8, 32768), (16, 131072), (64, 262144))
+    # The sort-based peer takes seconds a call at full size: few runs keep it ~1 min.
+    reps = args.reps or tier(args, 3, 3, 2)
     x = _logits(b, v)
     key = jax.random.key(0)
     settings = [

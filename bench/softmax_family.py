@@ -10,7 +10,7 @@ import numpy as np
 
 import softjax as sj
 
-from .harness import compare_row, median_times, ulp_error
+from .harness import compare_row, median_times, note, tier, ulp_error
 
 OPS = {
     "softmax": (sj.softmax, jax.nn.softmax),
@@ -40,8 +40,8 @@ def fwd_bwd(f):
 
 
 def run(args) -> list[dict]:
-    shape = (64, 1024) if args.quick else (2048, 32768)
-    reps = args.reps or (3 if args.quick else 7)
+    shape = tier(args, (64, 1024), (256, 32768), (2048, 32768))
+    reps = args.reps or tier(args, 3, 5, 7)
     rng = np.random.default_rng(0)
     x32 = (rng.standard_normal(shape) * 10).astype(np.float32)  # logit scale 10
     rows = []
@@ -69,6 +69,7 @@ def torch_rows(x32: np.ndarray, reps: int) -> list[dict]:
     try:
         import torch
     except ImportError:
+        note("torch rows skipped: torch is not installed")
         return []
     xt = torch.from_numpy(x32)
     x = jnp.asarray(x32)

@@ -27,7 +27,7 @@ import optax
 import softjax
 
 from . import deviceless
-from .harness import median_times, temp_bytes, ulp_error
+from .harness import median_times, note, temp_bytes, tier, ulp_error
 
 
 def fused(x, w, y):
@@ -129,6 +129,8 @@ def time_rows(n, d, v, reps) -> list[dict]:
     torch_run = _torch_fn(x, w, y)
     if torch_run is not None:
         fns.append(torch_run)
+    else:
+        note("torch rows skipped: no torch with linear_cross_entropy installed")
     times = median_times(fns, (), reps=reps, warmup=1)
     # Error of the loss against float64 (NumPy), in float32 ulps.
     z = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
@@ -180,11 +182,11 @@ def _compile_target(target, heads, impls) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def target_rows(heads) -> list[dict]:
+def target_rows(heads, targets=deviceless.TARGETS) -> list[dict]:
     """Side by side, per target and head: temp MiB and HBM GiB of each implementation."""
     impls = ("pallas", "xla", "naive", "tokamax")
     rows = []
-    for target in deviceless.TARGETS:
+    for target in targets:
         missing = deviceless.available(target)
         if missing:
             print(f"  {target}: skipped, needs {missing} (pip install -e '.[accel]')", flush=True)
@@ -230,22 +232,22 @@ def format_target_rows(rows) -> str:
 
 
 def run(args) -> list[dict]:
-    if args.quick:
-        n, d, vs, plot_vs = 512, 128, (4096, 8192), (4096, 8192)
-        tn, td, tv = 128, 64, 2048
-    else:
-        n, d, vs, plot_vs = 8192, 2048, (65536, 131072), tuple(2**k for k in range(13, 19))
-        tn, td, tv = 2048, 512, 32768
-    reps = args.reps or (2 if args.quick else 3)
+    # Memory is compiled, not run: the realistic head at every tier but --quick.
+    n, d, vs = tier(args, (512, 128, (4096, 8192)), *[(8192, 2048, (65536, 131072))] * 2)
+    plot_vs = tier(args, (4096, 8192), (2**13, 2**15, 2**17), tuple(2**k for k in range(13, 19)))
+    tn, td, tv = tier(args, (128, 64, 2048), (1024, 256, 16384), (2048, 512, 32768))
+    reps = args.reps or tier(args, 2, 3, 3)
     rows = memory_rows(n, d, vs, jnp.bfloat16)
     if len(rows) == 2:
         growth = rows[1]["softjax_MiB"] / rows[0]["softjax_MiB"]
         rows[1]["case"] += f" (x{growth:.3f} vs V/2)"
     rows += time_rows(tn, td, tv, reps)
     if not args.quick:
-        # One head by default (four targets, a minute each); every head of the table with --large.
+        # One head and target per chip family by default; every target with --full, every
+        # head of the accelerator table with --large.
         heads = list(deviceless.HEADS) if args.large else ["llama3-8b"]
-        compiled = target_rows(heads)
+        targets = deviceless.TARGETS if args.full else ("h200", "v5e")
+        compiled = target_rows(heads, targets)
         if compiled:
             print("compiled for target (temp memory of value_and_grad, nothing run):")
             print(format_target_rows(compiled), flush=True)
@@ -253,5 +255,7 @@ def run(args) -> list[dict]:
     os.makedirs(args.out, exist_ok=True)
     path = memory_plot(n, d, plot_vs, jnp.bfloat16, os.path.join(args.out, "vocab_memory.png"))
     if path:
-        print(f"wrote {path}")
+        note(f"wrote {path}")
+    else:
+        note("vocab plot skipped: matplotlib is not installed (pip install matplotlib)")
     return rows

@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from bench import device_check, hlo_bytes
 
@@ -57,3 +58,21 @@ def test_device_check_smoke_agrees_on_this_backend(tmp_path, capsys):
 
 def test_device_check_refuses_to_call_a_cpu_run_native(tmp_path):
     assert device_check.main(["--out", str(tmp_path)]) == 2
+
+
+def test_bench_table_columns_line_up_and_help_documents_them(capsys):
+    from bench import __main__ as bench_main
+
+    rows = [
+        {"op": "softmax", "case": "a case wider than its column header", "time_ratio": 1.5},
+        {"op": "cross_entropy", "case": "short", "softjax_MiB": 12.0},
+    ]
+    lines = bench_main.format_table(rows).splitlines()
+    starts = [[line.index(v) for v in ("softmax", "cross_entropy") if v in line] for line in lines]
+    assert starts[1] == starts[2] == [lines[0].index("op")]  # the op column starts alike
+    header = lines[0]
+    assert lines[2].index("12") == header.index("softjax_MiB")
+    with pytest.raises(SystemExit):
+        bench_main.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in bench_main.COLUMNS)
