@@ -1,5 +1,7 @@
 """softjax: the softmax family for JAX, exact, NaN-free and memory-lean."""
 
+from importlib import metadata as _metadata
+
 from . import calibration as calibration
 from ._attention import dot_product_attention as dot_product_attention
 from ._losses import binary_cross_entropy as binary_cross_entropy
@@ -11,6 +13,21 @@ from ._sparse import entmax15 as entmax15
 from ._sparse import sparsemax as sparsemax
 from ._vocab import linear_cross_entropy as linear_cross_entropy
 from .sampling import sample as sample
+
+try:
+    __version__ = _metadata.version("softjax")
+except _metadata.PackageNotFoundError:  # imported from a source tree that is not installed
+    __version__ = "0+unknown"
+
+
+def __getattr__(name: str):
+    # `softjax.flax` is loaded on first use, as `jax.nn`-style code expects the attribute.
+    if name == "flax":
+        import importlib
+
+        return importlib.import_module(".flax", __name__)
+    raise AttributeError(f"module 'softjax' has no attribute {name!r}")
+
 
 __all__ = [
     "binary_cross_entropy",

@@ -336,12 +336,18 @@ def check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
     )
 
 
-def check_int_labels(labels, batch_shape: tuple, logits_desc: str):
+def check_int_labels(labels, batch_shape: tuple, logits_desc: str, caller: str | None = None):
     """``labels`` must be integer with the ``batch_shape`` (logits without the class axis).
 
     Returns them as int32 (:func:`softjax._checks.class_labels`), whatever their dtype.
+    ``caller`` names a function that takes no class probabilities (for its message).
     """
     labels = jnp.asarray(labels)
+    if caller is not None and jnp.issubdtype(labels.dtype, jnp.floating):
+        raise TypeError(
+            f"{caller} takes integer class labels; got labels of floating dtype "
+            f"{labels.dtype} (for class probabilities use cross_entropy on the logits)"
+        )
     if jnp.issubdtype(labels.dtype, jnp.floating):
         raise ValueError(
             f"labels has floating dtype {labels.dtype} and shape {labels.shape}: class "

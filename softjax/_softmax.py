@@ -78,7 +78,7 @@ def _softmax_jvp(axes, primals, tangents):
     return p.astype(x.dtype), dp.astype(x.dtype)
 
 
-def softmax(x, axis: Axis = -1, *, where=None, temperature=1.0) -> jax.Array:
+def softmax(x, axis: Axis = -1, where=None, *, temperature=1.0) -> jax.Array:
     r"""Softmax, ``exp(x / T) / sum(exp(x / T))`` along ``axis``.
 
     .. math::
@@ -158,7 +158,7 @@ def _log_softmax_jvp(axes, primals, tangents):
     return logp.astype(x.dtype), dlogp.astype(x.dtype)
 
 
-def log_softmax(x, axis: Axis = -1, *, where=None, temperature=1.0) -> jax.Array:
+def log_softmax(x, axis: Axis = -1, where=None, *, temperature=1.0) -> jax.Array:
     r"""Log-softmax, ``x / T - logsumexp(x / T)`` along ``axis``.
 
     .. math::

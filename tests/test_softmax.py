@@ -91,6 +91,17 @@ def test_temperature_table(t, expected):
     np.testing.assert_allclose(got, expected, atol=5e-5)
 
 
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_where_is_positional_as_in_jax_nn(name):
+    # jax.nn.softmax(x, axis, where): the same call gives the same result here.
+    x = jnp.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    where = jnp.array([[True, False, True], [True, True, False]])
+    ours = getattr(sj, name)(x, -1, where)
+    np.testing.assert_array_equal(ours, getattr(sj, name)(x, axis=-1, where=where))
+    theirs = getattr(jax.nn, name)(x, -1, where)
+    np.testing.assert_allclose(jnp.where(where, ours, 0), jnp.where(where, theirs, 0), rtol=1e-6)
+
+
 def test_no_overflow_for_any_finite_input():
     big = np.finfo(np.float32).max
     x = jnp.array([big, -big, 0.0, big / 2], jnp.float32)

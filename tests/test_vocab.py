@@ -252,7 +252,8 @@ def test_errors():
         lce(x, w[None], y)
     with pytest.raises(ValueError, match=r"labels has shape \(3,\)"):
         lce(x, w, y[:3])
-    with pytest.raises(ValueError, match="labels has floating dtype"):
+    # It takes no class probabilities, so the message must not suggest them.
+    with pytest.raises(TypeError, match="linear_cross_entropy takes integer class labels"):
         lce(x, w, y.astype(F32))
     with pytest.raises(TypeError, match="x must have a floating dtype"):
         lce(jnp.ones((4, 8), jnp.int32), w, y)

@@ -326,7 +326,9 @@ def linear_cross_entropy(
     dtype = nx.compute_dtype(mm_dtype)
     opts = _losses.check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
     batch_shape = x.shape[:-1]
-    labels = _losses.check_int_labels(labels, batch_shape, f"x {x.shape} without its last axis")
+    labels = _losses.check_int_labels(
+        labels, batch_shape, f"x {x.shape} without its last axis", "linear_cross_entropy"
+    )
     v_local = w.shape[0]
     what = "class of this shard" if vocab_axis_name is not None else "class"
     class_weight = _checks.vector(weight, v_local, "weight", what)
