@@ -15,11 +15,12 @@ vocabulary-scale loss (``softjax._vocab``) reuses block by block rather than re-
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from . import _checks
 from . import _numerics as nx
@@ -361,18 +362,21 @@ def check_int_labels(labels, batch_shape: tuple, logits_desc: str, caller: str |
     return labels
 
 
+Reduction = Literal["mean", "sum", "none"]
+
+
 def cross_entropy(
-    logits,
-    labels,
+    logits: ArrayLike,
+    labels: ArrayLike,
     *,
     axis: int = -1,
-    weight=None,
+    weight: ArrayLike | None = None,
     ignore_index: int | None = None,
-    where=None,
+    where: ArrayLike | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> jax.Array:
     r"""Cross-entropy between ``softmax(logits)`` and integer labels or class probabilities.
 
@@ -457,14 +461,14 @@ def cross_entropy(
 
 
 def binary_cross_entropy(
-    logits,
-    targets,
+    logits: ArrayLike,
+    targets: ArrayLike,
     *,
-    weight=None,
-    pos_weight=None,
-    where=None,
+    weight: ArrayLike | None = None,
+    pos_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
     label_smoothing: float = 0.0,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> jax.Array:
     r"""Binary cross-entropy on logits, as ``torch.nn.BCEWithLogitsLoss``.
 

@@ -14,6 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+from jax.typing import ArrayLike
 
 from . import _checks
 from . import _numerics as nx
@@ -22,6 +23,11 @@ Axis = int | Sequence[int] | None
 
 
 def _prepare(x, axis: Axis, where):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        # As jax.nn: integer inputs are computed in, and returned as, float32 (exact up to
+        # 2**24, the float32 integers). Booleans stay a TypeError.
+        x = x.astype(jnp.float32)
     x = _checks.floating(x, "x")
     axes = _checks.normalize_axes(axis, x.ndim)
     return x, axes, _checks.mask(where, x.shape)
@@ -78,7 +84,9 @@ def _softmax_jvp(axes, primals, tangents):
     return p.astype(x.dtype), dp.astype(x.dtype)
 
 
-def softmax(x, axis: Axis = -1, where=None, *, temperature=1.0) -> jax.Array:
+def softmax(
+    x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None, *, temperature: ArrayLike = 1.0
+) -> jax.Array:
     r"""Softmax, ``exp(x / T) / sum(exp(x / T))`` along ``axis``.
 
     .. math::
@@ -158,7 +166,9 @@ def _log_softmax_jvp(axes, primals, tangents):
     return logp.astype(x.dtype), dlogp.astype(x.dtype)
 
 
-def log_softmax(x, axis: Axis = -1, where=None, *, temperature=1.0) -> jax.Array:
+def log_softmax(
+    x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None, *, temperature: ArrayLike = 1.0
+) -> jax.Array:
     r"""Log-softmax, ``x / T - logsumexp(x / T)`` along ``axis``.
 
     .. math::
@@ -220,7 +230,9 @@ def _logsumexp_jvp(axes, primals, tangents):
     return lse.astype(x.dtype), dlse.astype(x.dtype)
 
 
-def logsumexp(x, axis: Axis = -1, *, where=None, keepdims: bool = False) -> jax.Array:
+def logsumexp(
+    x: ArrayLike, axis: Axis = -1, *, where: ArrayLike | None = None, keepdims: bool = False
+) -> jax.Array:
     r"""``log(sum(exp(x)))`` along ``axis``, without overflow.
 
     .. math::

@@ -11,9 +11,16 @@ X = jnp.zeros((4, 3))
 
 
 @pytest.mark.parametrize("fn", [sj.softmax, sj.log_softmax, sj.logsumexp])
-def test_integer_or_bool_input_is_a_type_error(fn):
-    with pytest.raises(TypeError, match="x must have a floating dtype, got int32"):
-        fn(jnp.zeros((2, 3), jnp.int32))
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.uint8])
+def test_integer_input_is_promoted_to_float32_as_in_jax_nn(fn, dtype):
+    x = jnp.array([[0, 3, 7], [2, 2, 1]], dtype)
+    out = fn(x)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, fn(x.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("fn", [sj.softmax, sj.log_softmax, sj.logsumexp])
+def test_bool_input_is_a_type_error(fn):
     with pytest.raises(TypeError, match="got bool"):
         fn(jnp.zeros((2, 3), bool))
 

@@ -16,13 +16,15 @@ with float32 weights, differentiates by ``xla.single_pass`` (loss and gradients 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from functools import partial
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from .. import _checks, _losses
 from .. import _numerics as nx
@@ -230,19 +232,19 @@ def _default_implementation() -> str:
 
 
 def linear_cross_entropy(
-    x,
-    w,
-    labels,
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
     *,
     ignore_index: int | None = None,
-    where=None,
-    weight=None,
+    where: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    reduction: str = "mean",
-    vocab_axis_name=None,
-    implementation: str | None = None,
+    reduction: _losses.Reduction = "mean",
+    vocab_axis_name: Hashable | None = None,
+    implementation: Literal["xla", "pallas"] | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of the logits ``x @ w.T`` without ever materialising them.
 
