@@ -343,8 +343,10 @@ def sample(
 
     Returns:
       int32 token indices of the batch shape. A row with no finite logit (nothing can be
-      drawn, an empty vocabulary included) or holding a NaN gives ``-1`` (loud, never a
-      silent token).
+      drawn, an empty vocabulary included) or holding a NaN gives ``V``, the vocabulary
+      size: one past the last token, so never a token. Looked up with ``jnp.take`` (a Flax
+      ``Embed``) it gives NaN embeddings, where ``-1`` would silently wrap to the last token;
+      ``tokens == V`` finds those rows.
 
     Example:
       >>> sample(jax.random.key(0), jnp.array([[1.0, 3.0, 3.0], [0.0, 0.0, 9.0]]),
@@ -353,7 +355,7 @@ def sample(
     """
     x, knobs = _prepare(logits, axis, temperature, top_k, top_p, min_p)
     if x.shape[-1] == 0:
-        return jnp.full(x.shape[:-1], -1, jnp.int32)  # an empty vocabulary: nothing to draw
+        return jnp.zeros(x.shape[:-1], jnp.int32)  # an empty vocabulary: V = 0, nothing drawn
     if _static_k(top_k) and 0 < top_k < x.shape[-1]:
         return _sample_candidates(
             key, x, knobs["temperature"], knobs["top_p"], knobs["min_p"], int(top_k)
@@ -362,10 +364,10 @@ def sample(
 
 
 def _draw(key, z):
-    """Gumbel-max draw from ``softmax(z)`` over the last axis; -1 where nothing is finite."""
+    """Gumbel-max draw from ``softmax(z)`` over the last axis; ``V`` where nothing is finite."""
     tokens = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
     undrawable = ~jnp.any(z > -jnp.inf, axis=-1)  # NaN rows compare False too
-    return jnp.where(undrawable, -1, tokens)
+    return jnp.where(undrawable, z.shape[-1], tokens)
 
 
 @partial(jax.jit, static_argnames="k")
@@ -401,7 +403,7 @@ def _sample_candidates(key, x, temperature, top_p, min_p, k: int):
     tokens = lax.cond(jnp.any(needs_full), full, lambda _: tokens, (x, key_full))
     tokens = jnp.where(greedy[..., 0], jnp.argmax(x, axis=-1).astype(jnp.int32), tokens)
     drawable = jnp.any(x > -jnp.inf, axis=-1) & ~jnp.any(jnp.isnan(x), axis=-1)
-    return jnp.where(drawable, tokens, -1)
+    return jnp.where(drawable, tokens, x.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------

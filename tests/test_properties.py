@@ -295,7 +295,7 @@ def test_sample_contract(data):
     for i, row in enumerate(x64):
         drawable = np.isfinite(row).any() or (row == np.inf).any()
         if np.isnan(row).any() or not drawable:
-            assert tokens[i] == -1, (row, tokens[i])
+            assert tokens[i] == x.shape[1], (row, tokens[i])  # V: one past the last token
         else:
             assert 0 <= tokens[i] < x.shape[1] and row[tokens[i]] > -np.inf
 

@@ -310,13 +310,32 @@ def test_jit_and_vmap_with_traced_knobs():
     np.testing.assert_array_equal(got, want)
 
 
-def test_undrawable_rows_give_minus_one_and_leave_others_alone():
+def test_undrawable_rows_give_the_vocabulary_size_and_leave_others_alone():
     x = jnp.array([[0.0, 1.0], [-jnp.inf, -jnp.inf], [jnp.nan, 1.0], [5.0, 0.0]])
     got = np.asarray(sample(jax.random.key(0), x, temperature=0.0))
-    np.testing.assert_array_equal(got, [1, -1, -1, 0])
+    np.testing.assert_array_equal(got, [1, 2, 2, 0])
     got = np.asarray(sample(jax.random.key(0), x, top_p=0.9))
-    np.testing.assert_array_equal(got[1:3], [-1, -1])
+    np.testing.assert_array_equal(got[1:3], [2, 2])
+    got = np.asarray(sample(jax.random.key(0), x, top_k=1))  # the static top-k path
+    np.testing.assert_array_equal(got, [1, 2, 2, 0])
     assert np.isnan(np.asarray(filter_logits(x))[2]).all()
+    assert sample(jax.random.key(0), jnp.zeros((3, 0))).tolist() == [0, 0, 0]  # V = 0
+
+
+def test_an_undrawable_token_is_loud_downstream():
+    # The answer for "nothing to draw" must not pass for a token: an embedding lookup of it
+    # gives NaN (jnp.take's and Flax Embed's fill), where -1 would give the last token's row.
+    import flax.linen as nn
+
+    x = jnp.array([[0.0, 1.0, 2.0], [-jnp.inf, -jnp.inf, -jnp.inf]])
+    tokens = sample(jax.random.key(0), x, temperature=0.0)
+    table = jnp.arange(12.0).reshape(3, 4)
+    looked_up = jnp.take(table, tokens, axis=0)
+    np.testing.assert_array_equal(looked_up[0], table[2])
+    assert np.isnan(np.asarray(looked_up[1])).all()
+    embed = nn.Embed(num_embeddings=3, features=4)
+    params = embed.init(jax.random.key(1), tokens)
+    assert np.isnan(np.asarray(embed.apply(params, tokens))[1]).all()
 
 
 def test_exported_from_package():
