@@ -13,6 +13,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
@@ -230,29 +231,76 @@ def _logsumexp_jvp(axes, primals, tangents):
     return lse.astype(x.dtype), dlse.astype(x.dtype)
 
 
+def _weighted_logsumexp(x, b, axes, where):
+    """``(log|sum(b exp(x))|, sign)`` over ``axes`` (dims kept), in the compute dtype.
+
+    Entries with ``b == 0`` are excluded, from the maximum too: ``log(0 * e^1000 + e^0)``
+    is 0, where a shift by 1000 would underflow the ``e^0`` to nothing. The signed terms are
+    added by :func:`~softjax._numerics.compensated_sum`, which carries the rounding error of
+    each addition, so cancelling terms lose no more than the cancellation itself. Rows where
+    the sum is 0 (empty, or cancelled exactly) give ``-inf`` with sign 0 and zero gradient.
+    """
+    x = nx.upcast(x)
+    b = jnp.broadcast_to(nx.upcast(b), x.shape)
+    keep = b != 0 if where is None else (b != 0) & where
+    x = nx.mask_invalid(x, keep)
+    m = nx.row_max(x, axes)
+    shift = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
+    # A +inf entry dominates: the sign of its weight decides (of the weights of all of them).
+    at_inf = x == jnp.inf
+    inf_weight = jnp.sum(jnp.where(at_inf, b, 0.0), axis=axes, keepdims=True)
+    e = jnp.exp(jnp.where(at_inf, -jnp.inf, x) - shift)
+    total = nx.compensated_sum(jnp.where(keep, b * e, 0.0), axes)
+    total = jnp.where(m == jnp.inf, inf_weight * jnp.inf, total)
+    sign = jnp.sign(total)
+    return nx.log_or_neg_inf(jnp.abs(total), shift), sign
+
+
 def logsumexp(
-    x: ArrayLike, axis: Axis = -1, *, where: ArrayLike | None = None, keepdims: bool = False
-) -> jax.Array:
-    r"""``log(sum(exp(x)))`` along ``axis``, without overflow.
+    a: ArrayLike,
+    axis: Axis = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: bool = False,
+    where: ArrayLike | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""``log(sum(b * exp(a)))`` over ``axis``, without overflow; ``jax.nn.logsumexp``'s call.
 
     .. math::
-        \mathrm{logsumexp}(x) = m + \log\Big(1 + \sum_{j \ne \arg\max} e^{x_j - m}\Big),
-        \quad m = \max_{j \in \mathrm{where}} x_j
+        \mathrm{logsumexp}(a) = m + \log\Big(1 + \sum_{j \ne \arg\max} e^{a_j - m}\Big),
+        \quad m = \max_{j \in \mathrm{where}} a_j
 
     Args:
-      x: floating array of any shape.
-      axis: the axis or axes to reduce (int, tuple of ints, or None for all).
-      where: optional boolean array broadcastable to ``x``; False entries are excluded.
+      a: floating (or integer, computed in float32) array of any shape.
+      axis: the axis or axes to reduce (int, tuple of ints, or None for all, the default,
+        as in ``jax.nn.logsumexp``).
+      b: optional weights broadcastable to ``a``: ``log(sum(b * exp(a)))``. Entries with
+        ``b == 0`` are excluded (from the maximum too). Negative weights need
+        ``return_sign`` (otherwise a negative sum gives NaN, as in ``jax.nn``).
       keepdims: keep the reduced axes with size 1.
+      return_sign: also return the sign of the sum (0 where it is 0), and
+        ``log|sum(b * exp(a))|``.
+      where: optional boolean array broadcastable to ``a``; False entries are excluded.
 
     Returns:
-      An array of the dtype of ``x``: ``-inf`` for rows with no valid entry (with zero
-      gradient); its gradient is the softmax of ``x``.
+      An array of the dtype of ``a`` (and the sign, same dtype, with ``return_sign``):
+      ``-inf`` for rows with no valid entry (with zero gradient); without ``b`` its gradient
+      is the softmax of ``a``, and the result is accurate to an ulp even when one entry
+      dominates.
 
     Example:
       >>> softjax.logsumexp(jnp.array([1000.0, 1000.0]))
       Array(1000.6931, dtype=float32)
     """
-    x, axes, where = _prepare(x, axis, where)
-    out = _logsumexp(x, where, axes)
-    return out if keepdims else jnp.squeeze(out, axis=axes)
+    x, axes, where = _prepare(a, axis, where)
+    if b is None:
+        out = _logsumexp(x, where, axes)
+        sign = jnp.where(out == -jnp.inf, 0.0, jnp.where(jnp.isnan(out), out, 1.0))
+    else:
+        out, sign = _weighted_logsumexp(x, _checks.floating(b, "b"), axes, where)
+        if not return_sign:
+            out = jnp.where(sign < 0, jnp.nan, out)
+    out, sign = out.astype(x.dtype), sign.astype(x.dtype)
+    if not keepdims:
+        out, sign = jnp.squeeze(out, axis=axes), jnp.squeeze(sign, axis=axes)
+    return (out, sign) if return_sign else out

@@ -20,7 +20,7 @@ CASES = {
         lambda x: jnp.where(mask := jnp.arange(8) < 6, sj.log_softmax(x, where=mask), 0),
         "same",
     ),
-    "logsumexp": (lambda x: sj.logsumexp(x), "same"),
+    "logsumexp": (lambda x: sj.logsumexp(x, axis=-1), "same"),
     "cross_entropy": (
         lambda x: sj.cross_entropy(x, LABELS[: x.shape[0]], label_smoothing=0.1, z_loss=1e-3),
         "loss",

@@ -108,7 +108,7 @@ def test_no_overflow_for_any_finite_input():
     for f in (sj.softmax, sj.log_softmax):
         assert np.all(np.isfinite(np.asarray(f(x)) if f is sj.softmax else f(x)[:1]))
     np.testing.assert_allclose(sj.softmax(x), [1.0, 0.0, 0.0, 0.0])
-    np.testing.assert_allclose(sj.logsumexp(x), big, rtol=1e-7)
+    np.testing.assert_allclose(sj.logsumexp(x, axis=-1), big, rtol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,14 +157,16 @@ def test_low_precision_rounded_once_within_1_ulp(dtype, scale):
         out = jax.jit(f)(x)
         assert out.dtype == dtype
         assert ulp_error(out, ref(x64), dtype) <= 1.0
-    lse = sj.logsumexp(x)
+    lse = sj.logsumexp(x, axis=-1)
     assert lse.dtype == dtype
     assert ulp_error(lse, ref_logsumexp(x64), dtype) <= 1.0
 
 
 def test_flat_float16_row_does_not_overflow():
     x = jnp.zeros((65536,), jnp.float16)
-    np.testing.assert_allclose(sj.logsumexp(x).astype(np.float64), np.log(65536.0), rtol=1e-3)
+    np.testing.assert_allclose(
+        sj.logsumexp(x, axis=-1).astype(np.float64), np.log(65536.0), rtol=1e-3
+    )
     np.testing.assert_allclose(sj.softmax(x).astype(np.float64), 1 / 65536, rtol=1e-3)
 
 
@@ -204,7 +206,7 @@ def test_masked_entries_are_exactly_zero_and_minus_inf():
     assert p[2] == 0.0
     np.testing.assert_allclose(p, ref_softmax(np.asarray(x), where=np.asarray(where)), rtol=1e-6)
     assert sj.log_softmax(x, where=where)[2] == -jnp.inf
-    np.testing.assert_allclose(sj.logsumexp(x, where=where), ref_logsumexp(x, where=where))
+    np.testing.assert_allclose(sj.logsumexp(x, where=where, axis=-1), ref_logsumexp(x, where=where))
 
 
 @pytest.mark.parametrize("transform", ["plain", "jit", "vmap"])
@@ -213,7 +215,7 @@ def test_empty_rows_give_zeros_and_minus_inf_never_nan(transform):
     wrap = {"plain": lambda f: f, "jit": jax.jit, "vmap": jax.vmap}[transform]
     p = wrap(lambda x, w: sj.softmax(x, where=w))(x, where)
     logp = wrap(lambda x, w: sj.log_softmax(x, where=w))(x, where)
-    lse = wrap(lambda x, w: sj.logsumexp(x, where=w))(x, where)
+    lse = wrap(lambda x, w: sj.logsumexp(x, where=w, axis=-1))(x, where)
     np.testing.assert_array_equal(p[1:], 0.0)
     np.testing.assert_array_equal(logp[1:], -np.inf)
     np.testing.assert_array_equal(lse[1:], -np.inf)
@@ -230,7 +232,7 @@ def test_empty_rows_have_zero_gradients(diff):
             jnp.isinf(out := sj.log_softmax(x, where=where, temperature=t)), 0.0, out
         ),
         "logsumexp": lambda x, t: jnp.where(
-            jnp.isinf(out := sj.logsumexp(x, where=where)), 0.0, out
+            jnp.isinf(out := sj.logsumexp(x, where=where, axis=-1)), 0.0, out
         ),
     }
     for name, f in fns.items():
@@ -266,7 +268,7 @@ def test_nan_stays_in_its_row():
         out = np.asarray(f(x))
         assert np.all(np.isnan(out[0])), f
         assert np.all(np.isfinite(out[1])), f
-    lse = np.asarray(sj.logsumexp(x))
+    lse = np.asarray(sj.logsumexp(x, axis=-1))
     assert np.isnan(lse[0]) and np.isfinite(lse[1])
 
 
@@ -277,7 +279,7 @@ def test_nan_stays_in_its_row():
 @settings(max_examples=30, deadline=None)
 def test_where_equals_filtering(x, where):
     p = np.asarray(sj.softmax(x, where=where))
-    lse = np.asarray(sj.logsumexp(x, where=where))
+    lse = np.asarray(sj.logsumexp(x, where=where, axis=-1))
     for i in range(4):
         kept = x[i][where[i]]
         if kept.size == 0:
@@ -302,7 +304,9 @@ def test_shift_invariance_and_sums_to_one(x, c):
     p = np.asarray(sj.softmax(x))
     np.testing.assert_allclose(np.asarray(sj.softmax(x + c)), p, rtol=1e-9, atol=1e-300)
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-12)
-    np.testing.assert_allclose(sj.logsumexp(x + c), np.asarray(sj.logsumexp(x)) + c, rtol=1e-12)
+    np.testing.assert_allclose(
+        sj.logsumexp(x + c, axis=-1), np.asarray(sj.logsumexp(x, axis=-1)) + c, rtol=1e-12
+    )
 
 
 @given(x=hnp.arrays(np.float64, (2, 7), elements=st.floats(-20, 20)))
@@ -366,7 +370,7 @@ def test_gradients_match_jax_nn_on_regular_rows():
         g1 = jax.grad(lambda x: jnp.sum(ours(x) * v))(x)
         g2 = jax.grad(lambda x: jnp.sum(theirs(x) * v))(x)
         np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-15)
-    g1 = jax.grad(lambda x: jnp.sum(sj.logsumexp(x)))(x)
+    g1 = jax.grad(lambda x: jnp.sum(sj.logsumexp(x, axis=-1)))(x)
     np.testing.assert_allclose(g1, jax.nn.softmax(x), rtol=1e-12)
 
 
@@ -386,3 +390,64 @@ def test_grad_of_log_softmax_matches_reference(dtype):
     want = ref_softmax(x.astype(np.float64))
     want[np.arange(5), y] -= 1
     np.testing.assert_allclose(g, want, rtol=50 * tol(dtype), atol=tol(dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# logsumexp as jax.nn.logsumexp: all axes by default, weights b, return_sign, where
+
+F32 = jnp.float32
+
+
+def test_logsumexp_takes_jax_nn_calls():
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.normal(size=(3, 5)) * 4)
+    b = jnp.asarray(rng.uniform(0.1, 2.0, size=(5,)))
+    where = jnp.asarray(rng.random((3, 5)) < 0.8).at[:, 0].set(True)
+    for args in [(a,), (a, 1), (a, 0, b), (a, 1, b, True), (a, None, b, False, False, where)]:
+        np.testing.assert_allclose(sj.logsumexp(*args), jax.nn.logsumexp(*args), rtol=1e-12)
+    assert sj.logsumexp(a).shape == ()  # all axes, as jax.nn
+
+
+def test_logsumexp_signed_weights_against_float64():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(64, 33)) * 3
+    b = rng.normal(size=(64, 33))
+    out, sign = sj.logsumexp(jnp.asarray(a, F32), 1, jnp.asarray(b, F32), return_sign=True)
+    a32, b32 = np.asarray(a, np.float32).astype(np.float64), np.asarray(b, np.float32)
+    total = (b32.astype(np.float64) * np.exp(a32)).sum(1)
+    np.testing.assert_array_equal(sign, np.sign(total))
+    np.testing.assert_allclose(out, np.log(np.abs(total)), rtol=tol(F32), atol=tol(F32))
+    # Without return_sign a negative sum has no real logarithm: NaN, as in jax.nn.
+    plain = np.asarray(sj.logsumexp(jnp.asarray(a, F32), 1, jnp.asarray(b, F32)))
+    np.testing.assert_array_equal(np.isnan(plain), total < 0)
+
+
+def test_logsumexp_zero_weights_are_excluded_from_the_shift():
+    # 0 * e^1000 + 1 * e^0: shifted by 1000 the e^0 underflows (jax.nn gives -inf in float32).
+    a, b = jnp.array([1000.0, 0.0], F32), jnp.array([0.0, 1.0], F32)
+    assert float(sj.logsumexp(a, b=b)) == 0.0
+
+
+def test_logsumexp_weights_gradients_match_jax_nn():
+    rng = np.random.default_rng(5)
+    a = jnp.asarray(rng.normal(size=(4, 6)))
+    b = jnp.asarray(rng.uniform(0.2, 2.0, size=(4, 6)))
+
+    def grads(fn):
+        return jax.grad(lambda a, b: jnp.sum(jnp.sin(fn(a, 1, b))), (0, 1))(a, b)
+
+    for ours, theirs in zip(grads(sj.logsumexp), grads(jax.nn.logsumexp), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+
+
+def test_logsumexp_sign_of_empty_rows_is_zero_with_zero_gradient():
+    a = jnp.array([[1.0, 2.0], [-jnp.inf, -jnp.inf]])
+    out, sign = sj.logsumexp(a, axis=1, return_sign=True)
+    np.testing.assert_array_equal(sign, [1.0, 0.0])
+    assert out[1] == -jnp.inf
+    b = jnp.array([[1.0, -1.0], [2.0, 0.0]])
+    out, sign = sj.logsumexp(jnp.zeros((2, 2)), axis=1, b=b, return_sign=True)
+    np.testing.assert_array_equal(sign, [0.0, 1.0])  # 1 - 1 cancels exactly
+    assert out[0] == -jnp.inf
+    g = jax.grad(lambda a: jnp.sum(sj.logsumexp(a, 1, jnp.ones(2))))(jnp.full((2, 2), -jnp.inf))
+    np.testing.assert_array_equal(g, jnp.zeros((2, 2)))
