@@ -15,7 +15,7 @@ from ._vocab import linear_cross_entropy as linear_cross_entropy
 from .sampling import sample as sample
 
 try:
-    __version__ = _metadata.version("softjax")
+    __version__ = _metadata.version("softjax-nn")  # the distribution name
 except _metadata.PackageNotFoundError:  # imported from a source tree that is not installed
     __version__ = "0+unknown"
 

@@ -378,16 +378,16 @@ def cross_entropy(
     logit_softcap: float | None = None,
     reduction: Reduction = "mean",
 ) -> jax.Array:
-    r"""Cross-entropy between ``softmax(logits)`` and integer labels or class probabilities.
+    """Cross-entropy between ``softmax(logits)`` and integer labels or class probabilities.
 
     Follows ``torch.nn.CrossEntropyLoss``. With integer labels ``y``, class weights ``w``
-    (1 if None), smoothing ``a`` and ``C`` classes, each example contributes
+    (1 if None), smoothing ``a`` and ``C`` classes, each example contributes ::
 
-    .. math::
-        \ell_i = (1 - a)\, w_{y_i} (-\log p_{i y_i}) + \frac{a}{C} \sum_c w_c (-\log p_{ic})
-                 + \lambda_z w_{y_i} (\log \textstyle\sum_c e^{z_{ic}})^2
+        ℓ_i = (1 - a) · w[y_i] · (-log p[i, y_i])
+            + (a / C) · Σ_c w[c] · (-log p[i, c])
+            + λ_z · w[y_i] · (log Σ_c e^(z[i, c]))²
 
-    and ``reduction="mean"`` divides the sum by :math:`\sum_i w_{y_i}` over valid examples.
+    and ``reduction="mean"`` divides the sum by ``Σ_i w[y_i]`` over valid examples.
     With class probabilities ``q`` (the shape of ``logits``), the targets become
     ``q * (1 - a) + a / C`` and the mean divides by the number of valid examples.
 
@@ -470,10 +470,11 @@ def binary_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: Reduction = "mean",
 ) -> jax.Array:
-    r"""Binary cross-entropy on logits, as ``torch.nn.BCEWithLogitsLoss``.
+    """Binary cross-entropy on logits, as ``torch.nn.BCEWithLogitsLoss``.
 
-    .. math::
-        \ell = -w \,[\, p_w\, t \log\sigma(x) + (1 - t) \log\sigma(-x) \,]
+    ::
+
+        ℓ = -w · [ p_w · t · log σ(x) + (1 - t) · log σ(-x) ]
 
     with ``t`` smoothed to ``t * (1 - a) + a / 2``. ``log σ`` is evaluated stably
     (``-softplus(-x)``), so large logits neither overflow nor lose the small loss.

@@ -88,10 +88,11 @@ def _softmax_jvp(axes, primals, tangents):
 def softmax(
     x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None, *, temperature: ArrayLike = 1.0
 ) -> jax.Array:
-    r"""Softmax, ``exp(x / T) / sum(exp(x / T))`` along ``axis``.
+    """Softmax, ``exp(x / T) / sum(exp(x / T))`` along ``axis``.
 
-    .. math::
-        \mathrm{softmax}(x)_i = \frac{\exp(x_i / T)}{\sum_{j \in \mathrm{where}} \exp(x_j / T)}
+    ::
+
+        softmax(x)_i = exp(x_i / T) / Σ_{j ∈ where} exp(x_j / T)
 
     Args:
       x: floating array of any shape ``[..., V, ...]``.
@@ -170,11 +171,11 @@ def _log_softmax_jvp(axes, primals, tangents):
 def log_softmax(
     x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None, *, temperature: ArrayLike = 1.0
 ) -> jax.Array:
-    r"""Log-softmax, ``x / T - logsumexp(x / T)`` along ``axis``.
+    """Log-softmax, ``x / T - logsumexp(x / T)`` along ``axis``.
 
-    .. math::
-        \log\mathrm{softmax}(x)_i = \frac{x_i}{T} - \log \sum_{j \in \mathrm{where}}
-        \exp\frac{x_j}{T}
+    ::
+
+        log softmax(x)_i = x_i / T - log Σ_{j ∈ where} exp(x_j / T)
 
     Args:
       x: floating array of any shape.
@@ -264,11 +265,12 @@ def logsumexp(
     return_sign: bool = False,
     where: ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    r"""``log(sum(b * exp(a)))`` over ``axis``, without overflow; ``jax.nn.logsumexp``'s call.
+    """``log(sum(b * exp(a)))`` over ``axis``, without overflow; ``jax.nn.logsumexp``'s call.
 
-    .. math::
-        \mathrm{logsumexp}(a) = m + \log\Big(1 + \sum_{j \ne \arg\max} e^{a_j - m}\Big),
-        \quad m = \max_{j \in \mathrm{where}} a_j
+    ::
+
+        logsumexp(a) = m + log(1 + Σ_{j ≠ argmax} e^(a_j - m)),
+                   m = max_{j ∈ where} a_j
 
     Args:
       a: floating (or integer, computed in float32) array of any shape.

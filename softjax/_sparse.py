@@ -112,14 +112,15 @@ def _sparsemax_jvp(primals, tangents):
 
 
 def sparsemax(x, axis: Axis = -1, *, where=None) -> jax.Array:
-    r"""Sparsemax: the Euclidean projection of ``x`` onto the probability simplex.
+    """Sparsemax: the Euclidean projection of ``x`` onto the probability simplex.
 
-    .. math::
-        \mathrm{sparsemax}(x)_i = [x_i - \tau(x)]_+, \qquad
-        \tau = \frac{\sum_{j \le k} x_{(j)} - 1}{k}, \;
-        k = \max\{k : 1 + k\,x_{(k)} > \textstyle\sum_{j \le k} x_{(j)}\}
+    ::
 
-    with :math:`x_{(1)} \ge x_{(2)} \ge \dots` the sorted row (Martins & Astudillo, 2016).
+        sparsemax(x)_i = [x_i - τ(x)]_+,
+                     τ = (Σ_{j ≤ k} x_(j) - 1) / k,
+                     k = max { k : 1 + k · x_(k) > Σ_{j ≤ k} x_(j) }
+
+    with ``x_(1) ≥ x_(2) ≥ …`` the sorted row (Martins & Astudillo, 2016).
 
     Args:
       x: floating array ``[..., V, ...]``.
@@ -184,11 +185,12 @@ def _entmax15_jvp(primals, tangents):
 
 
 def entmax15(x, axis: Axis = -1, *, where=None) -> jax.Array:
-    r"""1.5-entmax (Peters, Niculae & Martins, 2019): sparse, between softmax and sparsemax.
+    """1.5-entmax (Peters, Niculae & Martins, 2019): sparse, between softmax and sparsemax.
 
-    .. math::
-        \mathrm{entmax}_{1.5}(x)_i = \big[\tfrac{x_i}{2} - \tau(x)\big]_+^2, \qquad
-        \sum_i \big[\tfrac{x_i}{2} - \tau\big]_+^2 = 1
+    ::
+
+        entmax_1.5(x)_i = [x_i / 2 - τ(x)]_+²,
+        Σ_i [x_i / 2 - τ]_+² = 1
 
     ``tau`` is exact: for each prefix of the sorted row the quadratic above has a closed-form
     root, and the support is the longest prefix consistent with its own root.

@@ -1,13 +1,12 @@
-r"""Calibration of a classifier's probabilities: ECE, MCE, reliability diagrams, temperature.
+"""Calibration of a classifier's probabilities: ECE, MCE, reliability diagrams, temperature.
 
 Everything follows Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks"
 (ICML 2017). For ``N`` samples with top-label confidence ``c_n = max_i softmax(x_n)_i`` and
 correctness ``a_n = [argmax_i x_n = y_n]``, the unit interval is cut into ``M`` equal-width
-bins ``B_m = ((m - 1) / M, m / M]``, and
+bins ``B_m = ((m - 1) / M, m / M]``, and ::
 
-.. math::
-    \mathrm{ECE} = \sum_m \frac{|B_m|}{N} \big|\mathrm{acc}(B_m) - \mathrm{conf}(B_m)\big|,
-    \qquad \mathrm{MCE} = \max_{m : |B_m| > 0} \big|\mathrm{acc}(B_m) - \mathrm{conf}(B_m)\big|
+    ECE = Σ_m (|B_m| / N) · |acc(B_m) - conf(B_m)|,
+    MCE = max_{m : |B_m| > 0} |acc(B_m) - conf(B_m)|
 
 Empty bins are skipped. Bin membership is exact: ``c > m / M`` is decided against the
 largest float at or below ``m / M``, so a confidence of exactly ``0.5`` is in ``(0.25, 0.5]``.
@@ -146,12 +145,12 @@ def bin_statistics(logits, labels, *, n_bins: int = 15, where=None):
 
 
 def expected_calibration_error(logits, labels, *, n_bins: int = 15, where=None) -> jax.Array:
-    r"""Expected calibration error (Guo et al. 2017), top-label, ``M`` equal-width bins.
+    """Expected calibration error (Guo et al. 2017), top-label, ``M`` equal-width bins.
 
-    .. math::
-        \mathrm{ECE} = \sum_{m=1}^{M} \frac{|B_m|}{N}\,
-        \big|\mathrm{acc}(B_m) - \mathrm{conf}(B_m)\big|
-        = \frac{1}{N} \sum_m \Big| \sum_{n \in B_m} (a_n - c_n) \Big|
+    ::
+
+        ECE = Σ_{m=1..M} (|B_m| / N) · |acc(B_m) - conf(B_m)|
+            = (1 / N) · Σ_m | Σ_{n ∈ B_m} (a_n - c_n) |
 
     Args:
       logits: ``[..., V]`` floating (any dtype; computed in float32).
@@ -173,10 +172,11 @@ def expected_calibration_error(logits, labels, *, n_bins: int = 15, where=None) 
 
 
 def maximum_calibration_error(logits, labels, *, n_bins: int = 15, where=None) -> jax.Array:
-    r"""Maximum calibration error (Guo et al. 2017): the worst gap over non-empty bins.
+    """Maximum calibration error (Guo et al. 2017): the worst gap over non-empty bins.
 
-    .. math::
-        \mathrm{MCE} = \max_{m : |B_m| > 0} \big|\mathrm{acc}(B_m) - \mathrm{conf}(B_m)\big|
+    ::
+
+        MCE = max_{m : |B_m| > 0} |acc(B_m) - conf(B_m)|
 
     Arguments and return as in :func:`expected_calibration_error` (0 when no sample counts).
 
@@ -243,11 +243,11 @@ def _fit(x, labels, w, steps: int):
 
 
 def fit_temperature(logits, labels, *, where=None, steps: int = 30) -> jax.Array:
-    r"""The temperature ``T`` minimising the mean NLL of ``softmax(logits / T)`` (Guo 2017).
+    """The temperature ``T`` minimising the mean NLL of ``softmax(logits / T)`` (Guo 2017).
 
-    .. math::
-        T^\star = \arg\min_{T > 0} \frac{1}{N} \sum_n
-        \Big[\log \sum_i e^{x_{ni} / T} - x_{n y_n} / T\Big]
+    ::
+
+        T* = argmin_{T > 0} (1 / N) · Σ_n [ log Σ_i e^(x[n, i] / T) - x[n, y_n] / T ]
 
     The loss is convex in ``beta = 1 / T``; the search runs on ``log beta = -log T`` (so
     ``T > 0`` by construction) with ``steps`` safeguarded Newton steps, each one pass over
@@ -283,15 +283,20 @@ def fit_temperature(logits, labels, *, where=None, steps: int = 30) -> jax.Array
 # the picture
 
 
-def reliability_diagram(logits, labels, *, n_bins: int = 15, ax=None, where=None):
+def reliability_diagram(
+    logits, labels, *, n_bins: int = 15, ax=None, where=None, show_counts: bool = True
+):
     """Draws the reliability diagram of Guo et al. 2017 and returns the matplotlib Axes.
 
     Bars are the accuracy of each non-empty bin; the gap to the bin's mean confidence is
     shaded (red, hatched); the diagonal is perfect calibration; the legend carries the ECE.
+    The number at the foot of each bar is its bin's sample count: a bar drawn from a handful
+    of samples says little, and the ECE weighs it by that count.
 
     Args:
       logits, labels, n_bins, where: as in :func:`expected_calibration_error`.
       ax: a matplotlib Axes to draw on; a new figure is made when None.
+      show_counts: write each bin's sample count on its bar.
 
     Example:
       >>> ax = reliability_diagram(logits, labels)  # doctest: +SKIP
@@ -313,6 +318,9 @@ def reliability_diagram(logits, labels, *, n_bins: int = 15, ax=None, where=None
     ax.bar(centers[full], (conf - acc)[full], bottom=acc[full], color="tab:red", alpha=0.3,
            edgecolor="tab:red", hatch="//", label=gap_label, **bar)  # fmt: skip
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    if show_counts:
+        for x, n in zip(centers[full], count[full], strict=True):
+            ax.text(x, 0.01, f"{int(n)}", rotation=90, ha="center", va="bottom", fontsize=7)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
     ax.legend(loc="upper left")
     return ax

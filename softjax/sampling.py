@@ -316,17 +316,16 @@ def filter_logits(
 def sample(
     key, logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, axis: int = -1
 ) -> jax.Array:
-    r"""Draws one token per row with temperature, top-k, top-p and min-p filtering.
+    """Draws one token per row with temperature, top-k, top-p and min-p filtering.
 
-    With :math:`z = x / T` and :math:`S` the tokens surviving, in this order, top-k, top-p
-    (on the softmax of :math:`z` over what top-k kept) and min-p (on what top-p kept):
+    With ``z = x / T`` and ``S`` the tokens surviving, in this order, top-k, top-p
+    (on the softmax of ``z`` over what top-k kept) and min-p (on what top-p kept)::
 
-    .. math::
-        P(i) = \frac{\exp z_i}{\sum_{j \in S} \exp z_j} \quad (i \in S),
-        \qquad S_{\text{top-p}} = \{ i : z_i \ge z_{(m)} \},\;
-        m = \min\{ m : \textstyle\sum_{r \le m} p_{(r)} \ge \text{top\_p} \}
+           P(i) = exp(z_i) / Σ_{j ∈ S} exp(z_j)    (i ∈ S),
+        S_top-p = { i : z_i ≥ z_(m) },
+              m = min { m : Σ_{r ≤ m} p_(r) ≥ top_p }
 
-    where :math:`p_{(1)} \ge p_{(2)} \ge \dots` are the sorted probabilities.
+    where ``p_(1) ≥ p_(2) ≥ …`` are the sorted probabilities.
 
     Args:
       key: a JAX PRNG key.

@@ -189,6 +189,11 @@ def test_reliability_diagram_draws_bars_gap_and_ece():
     assert any(f"{100 * ece:.2f}%" in s and "ECE" in s for s in labels_text)
     count = np.asarray(cal.bin_statistics(logits, labels, n_bins=10)[0])
     assert len(ax.patches) == 2 * int((count > 0).sum())
+    # Each non-empty bin's sample count is written on its bar (and nothing else is).
+    written = sorted(int(t.get_text()) for t in ax.texts)
+    assert written == sorted(int(n) for n in count[count > 0]) and sum(written) == 2000
+    bare = cal.reliability_diagram(logits, labels, n_bins=10, show_counts=False)
+    assert not bare.texts
     fig, ax2 = plt.subplots()
     assert cal.reliability_diagram(logits, labels, ax=ax2) is ax2
     plt.close("all")

@@ -143,14 +143,15 @@ def dot_product_attention(
     block_q: int = 256,
     block_k: int = 256,
 ):
-    r"""Scaled dot-product attention, exact and memory-lean, with an online softmax.
+    """Scaled dot-product attention, exact and memory-lean, with an online softmax.
 
-    .. math::
-        s_{ts} = \mathrm{softcap}(\mathrm{scale}\; q_t \cdot k_s) + b_{ts},\qquad
-        o_t = \sum_{s \in \mathcal{M}_t} \frac{e^{s_{ts}}}{\sum_{s' \in \mathcal{M}_t}
-        e^{s_{ts'}}}\, v_s,\qquad \mathrm{lse}_t = \log \sum_{s \in \mathcal{M}_t} e^{s_{ts}}
+    ::
 
-    where :math:`\mathcal{M}_t` is the set of keys query ``t`` may attend to (the
+         s_ts = softcap(scale · q_t · k_s) + b_ts,
+          o_t = Σ_{s ∈ M_t} ( e^(s_ts) / Σ_{s' ∈ M_t} e^(s_ts') ) · v_s,
+        lse_t = log Σ_{s ∈ M_t} e^(s_ts)
+
+    where ``M_t`` is the set of keys query ``t`` may attend to (the
     intersection of ``mask``, causal, window, lengths and segments) and
     ``softcap(x) = c tanh(x / c)``.
 

@@ -16,15 +16,16 @@ from ._masks import Masks, Spec, block_mask, dropout_keep, scores
 
 
 def attention(spec: Spec, q, k, v, bias, masks: Masks) -> tuple[jax.Array, jax.Array]:
-    r"""Attention on canonical arguments; returns ``(out [B,K,T,G,H], lse [B,K,T,G])``.
+    """Attention on canonical arguments; returns ``(out [B,K,T,G,H], lse [B,K,T,G])``.
 
     ``q`` [B, K, T, G, H] is already scaled, ``k``/``v`` are [B, K, S, H] and ``bias`` is
     ``[B|1, K|1, T|1, G|1, S|1]`` or None, all in the compute dtype.
 
-    .. math::
-        s = \mathrm{softcap}(q k^\top) + b,\quad
-        \mathrm{lse} = \log \sum_{s \in \mathrm{mask}} e^{s},\quad
-        o = \sum_{s \in \mathrm{mask}} e^{s - \mathrm{lse}}\, \frac{\mathrm{keep}}{1 - r}\, v
+    ::
+
+          s = softcap(q k^T) + b,
+        lse = log Σ_{s ∈ mask} e^s,
+          o = Σ_{s ∈ mask} e^(s - lse) · keep / (1 - r) · v
 
     A row with nothing to attend to has ``lse = -inf`` and ``o = 0``, with zero gradients.
     """

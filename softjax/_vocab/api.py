@@ -246,16 +246,15 @@ def linear_cross_entropy(
     vocab_axis_name: Hashable | None = None,
     implementation: Literal["xla", "pallas"] | None = None,
 ) -> jax.Array:
-    r"""Cross-entropy of the logits ``x @ w.T`` without ever materialising them.
+    """Cross-entropy of the logits ``x @ w.T`` without ever materialising them.
 
     Equals ``softjax.cross_entropy(x @ w.T, labels, ...)`` with the same options and
-    semantics (PyTorch's, see :func:`softjax.cross_entropy`): with ``z = softcap(x w^T)``,
+    semantics (PyTorch's, see :func:`softjax.cross_entropy`): with ``z = softcap(x w^T)``, ::
 
-    .. math::
-        \ell_i = (1 - a)\, w_{y_i} (\mathrm{lse}_i - z_{i y_i})
-                 + \frac{a}{V} \sum_c w_c (\mathrm{lse}_i - z_{ic})
-                 + \lambda_z w_{y_i} \mathrm{lse}_i^2,
-        \qquad \mathrm{lse}_i = \log \textstyle\sum_c e^{z_{ic}}
+          ℓ_i = (1 - a) · w[y_i] · (lse_i - z[i, y_i])
+              + (a / V) · Σ_c w[c] · (lse_i - z[i, c])
+              + λ_z · w[y_i] · lse_i²,
+        lse_i = log Σ_c e^(z[i, c])
 
     computed by streaming over vocabulary blocks: an online logsumexp (running max and sum,
     merged across blocks and, with ``vocab_axis_name``, across devices), the target logit as

@@ -1,4 +1,4 @@
-"""``python -m bench.train_lm``: a tiny byte-level transformer LM trained on softjax.
+"""``python -m softjax.examples.tiny_lm``: a tiny byte-level transformer LM trained on softjax.
 
 A decoder-only transformer (Flax linen) on the help topics that ship with Python
 (``pydoc_data.topics``, ~0.47 MB of English): attention is :func:`softjax.dot_product_attention`
@@ -493,13 +493,17 @@ def calibration_split(logits, labels):
 
 
 def calibration_report(logits, labels, n_bins: int = 15) -> dict:
-    """Temperature fitted on one half of the positions; ECE on the other before and after."""
+    """Temperature fitted on one half of the positions; on the other, before and after, the
+    ECE of the top-1 confidence and the NLL in bits per byte (what the fit minimises)."""
     (z_fit, y_fit), (z, y) = calibration_split(jnp.asarray(logits), jnp.asarray(labels))
     t = calibration.fit_temperature(z_fit, y_fit)
+    bits = lambda z: float(softjax.cross_entropy(z, y)) / math.log(2)  # noqa: E731
     return {
         "temperature": float(t),
         "ece_before": float(calibration.expected_calibration_error(z, y, n_bins=n_bins)),
         "ece_after": float(calibration.expected_calibration_error(z / t, y, n_bins=n_bins)),
+        "bits_before": bits(z),
+        "bits_after": bits(z / t),
     }
 
 
@@ -605,7 +609,7 @@ def run_comparison(cfg: Config, large: Config, reps: int = 5) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m bench.train_lm", description=__doc__.split("\n")[0]
+        prog="python -m softjax.examples.tiny_lm", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--steps", type=int, default=Config.steps)
     ap.add_argument("--batch", type=int, default=Config.batch)
@@ -654,7 +658,7 @@ def main(argv=None) -> None:
     print("sample (temperature 0.8, top_p 0.95):")
     print(generate(cfg, params, "The with statement "))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "train_lm_loss.png")
+    path = os.path.join(args.out, "tiny_lm_loss.png")
     plot_losses(losses, path, f"{cfg.n_layers} layers, d={cfg.d_model}, {args.devices} device(s)")
     print(f"loss curve: {path}")
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bench import train_lm as tl
+from softjax.examples import tiny_lm as tl
 
 # A model small enough that compiling and 20 steps take a few seconds.
 TINY = tl.Config(d_model=32, n_layers=1, n_heads=2, seq_len=32, batch=8, steps=20, lr=1e-2)
