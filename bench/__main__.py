@@ -52,6 +52,7 @@ COLUMNS = {
     "dtype": "input dtype",
     "peer": "what softjax is compared with",
     "time_ratio": "softjax time / peer time (median of interleaved runs; < 1: softjax faster)",
+    "cpu_ratio": "softjax / peer process CPU time (every thread, resource.getrusage): the work",
     "softjax_ms": "softjax median time, ms",
     "peer_ms": "peer median time, ms",
     "softjax_MiB": "softjax compiled temp memory, MiB",
@@ -83,12 +84,15 @@ def format_table(rows: list[dict]) -> str:
 def summary(rows: list[dict]) -> str:
     """One line: softjax against its peers over every row that measured the quantity."""
     ratios = [r["time_ratio"] for r in rows if isinstance(r.get("time_ratio"), float)]
+    cpu = [r["cpu_ratio"] for r in rows if isinstance(r.get("cpu_ratio"), float)]
     mem = [r for r in rows if isinstance(r.get("softjax_MiB"), float) and r.get("peer_MiB")]
     err = [r for r in rows if isinstance(r.get("softjax_err"), float) and r.get("peer_err")]
     parts = []
+    geomean = lambda xs: math.exp(sum(math.log(max(x, 1e-12)) for x in xs) / len(xs))  # noqa: E731
     if ratios:
-        geo = math.exp(sum(math.log(max(x, 1e-12)) for x in ratios) / len(ratios))
-        parts.append(f"time ratio geomean {geo:.2f} over {len(ratios)} rows")
+        parts.append(f"time ratio geomean {geomean(ratios):.2f} over {len(ratios)} rows")
+    if cpu:
+        parts.append(f"CPU-time ratio geomean {geomean(cpu):.2f}")
     if mem:
         lean = sum(r["softjax_MiB"] <= r["peer_MiB"] for r in mem)
         parts.append(f"memory <= peer in {lean}/{len(mem)}")

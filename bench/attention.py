@@ -20,7 +20,7 @@ import numpy as np
 
 import softjax
 
-from .harness import median_times, note, temp_bytes, tier
+from .harness import note, ratio_columns, temp_bytes, tier, timings
 
 N, H = 8, 64
 
@@ -100,7 +100,7 @@ def _headline(t_len, reps):
         ("fwd+bwd", _fwd_bwd, torch_fwd_bwd),
     ):
         fns = [jax.jit(wrap(sj)), jax.jit(wrap(nn))] + ([torch_fn] if torch_fn else [])
-        times = median_times(fns, (q, k, v), reps=reps, warmup=1)
+        times = timings(fns, (q, k, v), reps=reps, warmup=1)
         mem_sj, mem_nn = (
             temp_bytes(wrap(sj), spec, spec, spec),
             temp_bytes(wrap(nn), spec, spec, spec),
@@ -110,15 +110,13 @@ def _headline(t_len, reps):
         case = f"T={t_len} causal {what}"
         rows.append(
             dict(op="attention chunked", case=case, dtype="float32", peer="jax.nn",
-                 time_ratio=times[0] / times[1], softjax_ms=_ms(times[0]), peer_ms=_ms(times[1]),
-                 softjax_MiB=_mib(mem_sj), peer_MiB=_mib(mem_nn), softjax_err=err_sj,
-                 peer_err=err_nn)
+                 **ratio_columns(times[0], times[1]), softjax_MiB=_mib(mem_sj),
+                 peer_MiB=_mib(mem_nn), softjax_err=err_sj, peer_err=err_nn)
         )  # fmt: skip
         if torch_fn:
             rows.append(
                 dict(op="attention chunked", case=case, dtype="float32", peer="torch sdpa (cpu)",
-                     time_ratio=times[0] / times[2], softjax_ms=_ms(times[0]),
-                     peer_ms=_ms(times[2]), softjax_MiB=_mib(mem_sj))
+                     **ratio_columns(times[0], times[2]), softjax_MiB=_mib(mem_sj))
             )  # fmt: skip
     return rows
 
@@ -130,7 +128,7 @@ def _scaling(lengths, timed, large, reps):
         spec = jax.ShapeDtypeStruct((1, t_len, N, H), jnp.float32)
         mem_sj = temp_bytes(_fwd_bwd(_softjax("chunked")), spec, spec, spec)
         mem_nn = temp_bytes(_fwd_bwd(_jax_nn), spec, spec, spec)
-        t_sj = t_nn = t_torch = None
+        t_sj = t_nn = t_torch = timed_sj = timed_nn = None
         if t_len in timed or (large and t_len == max(lengths)):
             q, k, v = _inputs(t_len)
             fns = [jax.jit(_fwd_bwd(_softjax("chunked")))]
@@ -139,16 +137,16 @@ def _scaling(lengths, timed, large, reps):
                 torch_fn = _torch_fns(q, k, v)[1]
                 if torch_fn:
                     fns.append(torch_fn)
-            times = median_times(fns, (q, k, v), reps=reps if t_len in timed else 1, warmup=1)
-            t_sj = times[0]
-            t_nn = times[1] if len(times) > 1 else None
-            t_torch = times[2] if len(times) > 2 else None
+            times = timings(fns, (q, k, v), reps=reps if t_len in timed else 1, warmup=1)
+            timed_sj = times[0]
+            timed_nn = times[1] if len(times) > 1 else None
+            t_sj, t_nn = timed_sj.wall, None if timed_nn is None else timed_nn.wall
+            t_torch = times[2].wall if len(times) > 2 else None
         curve.append((t_len, t_sj, t_nn, t_torch, mem_sj, mem_nn))
         rows.append(
             dict(op="attention chunked", case=f"T={t_len} causal fwd+bwd", dtype="float32",
-                 peer="jax.nn (memory)", time_ratio=None if t_nn is None else t_sj / t_nn,
-                 softjax_ms=_ms(t_sj), peer_ms=_ms(t_nn), softjax_MiB=_mib(mem_sj),
-                 peer_MiB=_mib(mem_nn))
+                 peer="jax.nn (memory)", **ratio_columns(timed_sj, timed_nn),
+                 softjax_MiB=_mib(mem_sj), peer_MiB=_mib(mem_nn))
         )  # fmt: skip
     return rows, curve
 
@@ -159,10 +157,10 @@ def _crossover(lengths, reps):
     for t_len in lengths:
         q, k, v = _inputs(t_len)
         fns = [jax.jit(_fwd_bwd(_softjax("chunked"))), jax.jit(_fwd_bwd(_softjax("xla")))]
-        t_c, t_x = median_times(fns, (q, k, v), reps=reps, warmup=1)
+        t_c, t_x = timings(fns, (q, k, v), reps=reps, warmup=1)
         rows.append(
             dict(op="attention chunked", case=f"T={t_len} causal fwd+bwd", dtype="float32",
-                 peer="softjax xla", time_ratio=t_c / t_x, softjax_ms=_ms(t_c), peer_ms=_ms(t_x))
+                 peer="softjax xla", **ratio_columns(t_c, t_x))
         )  # fmt: skip
     return rows
 

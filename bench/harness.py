@@ -1,14 +1,17 @@
 """Shared measurement helpers: times as medians after warm-up, memory from XLA.
 
 Times on shared machines are noisy, so softjax and its peer are always measured in the same
-process, interleaved (a, b, a, b, ...), and reported as a ratio of medians. Memory is the
-compiled temp size from ``memory_analysis()``, which is exact and needs no run.
+process, interleaved (a, b, a, b, ...), and reported as ratios of medians: of wall time and
+of process CPU time. Memory is the compiled temp size from ``memory_analysis()``, which is
+exact and needs no run.
 """
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -36,20 +39,59 @@ def block(x):
     )
 
 
+class Timing(NamedTuple):
+    """Median cost of one call: wall seconds and process CPU seconds (every thread)."""
+
+    wall: float
+    cpu: float
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timings(fns: Sequence[Callable], args: Sequence, reps: int = 7, warmup: int = 2) -> list:
+    """The :class:`Timing` of each ``fn(*args)``, interleaving the functions run by run.
+
+    The CPU time (``resource.getrusage``) counts every thread of the process, so a ratio of
+    CPU times says how much work was done where a wall ratio also says how well it spread
+    over the cores; on a shared machine it is also the less noisy of the two.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            block(fn(*args))
+    walls, cpus = [[] for _ in fns], [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            c0, t0 = _cpu_seconds(), time.perf_counter()
+            block(fn(*args))
+            walls[i].append(time.perf_counter() - t0)
+            cpus[i].append(_cpu_seconds() - c0)
+    medians = zip(np.median(walls, axis=1), np.median(cpus, axis=1), strict=True)
+    return [Timing(float(w), float(c)) for w, c in medians]
+
+
 def median_times(
     fns: Sequence[Callable], args: Sequence, reps: int = 7, warmup: int = 2
 ) -> list[float]:
     """Median wall time of each ``fn(*args)``, interleaving the functions run by run."""
-    for fn in fns:
-        for _ in range(warmup):
-            block(fn(*args))
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            block(fn(*args))
-            times[i].append(time.perf_counter() - t0)
-    return [float(np.median(t)) for t in times]
+    return [t.wall for t in timings(fns, args, reps=reps, warmup=warmup)]
+
+
+def ratio_columns(ours: Timing | None, peer: Timing | None) -> dict:
+    """The timing columns of a row: wall and CPU ratios (softjax / peer) and both walls;
+    only softjax's time without a peer's, nothing without either."""
+    if ours is None:
+        return {}
+    if peer is None:
+        return {"softjax_ms": 1e3 * ours.wall}
+    return {
+        "time_ratio": ours.wall / peer.wall,
+        "cpu_ratio": ours.cpu / peer.cpu if peer.cpu > 0 else None,
+        "softjax_ms": 1e3 * ours.wall,
+        "peer_ms": 1e3 * peer.wall,
+    }
 
 
 def temp_bytes(fn: Callable, *args) -> int:
@@ -97,15 +139,13 @@ def compare_row(
     ``errors`` is an optional callable ``(out_ours, out_theirs) -> (err_ours, err_theirs)``.
     """
     ours_j, theirs_j = jax.jit(ours), jax.jit(theirs)
-    t_ours, t_theirs = median_times([ours_j, theirs_j], args, reps=reps)
+    t_ours, t_theirs = timings([ours_j, theirs_j], args, reps=reps)
     row = {
         "op": op,
         "case": case,
         "dtype": dtype,
         "peer": peer,
-        "time_ratio": t_ours / t_theirs,
-        "softjax_ms": 1e3 * t_ours,
-        "peer_ms": 1e3 * t_theirs,
+        **ratio_columns(t_ours, t_theirs),
         "softjax_MiB": temp_bytes(ours, *args) / 2**20,
         "peer_MiB": temp_bytes(theirs, *args) / 2**20,
     }

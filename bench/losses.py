@@ -9,7 +9,7 @@ import optax
 
 import softjax as sj
 
-from .harness import compare_row, median_times, tier
+from .harness import compare_row, ratio_columns, tier, timings
 
 
 def _rel_err_ulps(value, ref: float) -> float:
@@ -126,15 +126,13 @@ def torch_rows(x32, labels, reps) -> list[dict]:
     labels_j = jnp.asarray(labels)
     grad = jax.jit(jax.grad(lambda x: sj.cross_entropy(x, labels_j)))
     x = jnp.asarray(x32)
-    t_ours, t_torch = median_times([lambda: grad(x), torch_step], (), reps=reps)
+    t_ours, t_torch = timings([lambda: grad(x), torch_step], (), reps=reps)
     return [
         {
             "op": "cross_entropy",
             "case": f"{x32.shape[0]}x{x32.shape[1]} fwd+bwd",
             "dtype": "float32",
             "peer": f"torch {torch.__version__}",
-            "time_ratio": t_ours / t_torch,
-            "softjax_ms": 1e3 * t_ours,
-            "peer_ms": 1e3 * t_torch,
+            **ratio_columns(t_ours, t_torch),
         }
     ]

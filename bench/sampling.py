@@ -16,7 +16,7 @@ import numpy as np
 from softjax import sample
 from softjax.sampling import filter_logits, filter_logits_reference, sample_reference
 
-from .harness import median_times, temp_bytes, tier
+from .harness import ratio_columns, temp_bytes, tier, timings
 
 
 def _logits(b: int, v: int) -> jax.Array:
@@ -46,7 +46,7 @@ def run(args) -> list[dict]:
     for name, kw in settings:
         ours = jax.jit(lambda k, x, kw=kw: sample(k, x, **kw))
         sort_based = jax.jit(lambda k, x, kw=kw: sample_reference(k, x, **kw))
-        times = median_times([ours, sort_based, floor], (key, x), reps=reps, warmup=1)
+        times = timings([ours, sort_based, floor], (key, x), reps=reps, warmup=1)
         t_ours, t_sort, t_floor = times
         # The kept sets must agree exactly (checked on a few rows; the tests do the rest).
         head = x[:4]
@@ -62,9 +62,7 @@ def run(args) -> list[dict]:
                     case=f"B={b} V={v}" + ("" if same else " KEPT-SET MISMATCH"),
                     dtype="float32",
                     peer=peer,
-                    time_ratio=t_ours / t_peer,
-                    softjax_ms=t_ours * 1e3,
-                    peer_ms=t_peer * 1e3,
+                    **ratio_columns(t_ours, t_peer),
                     softjax_MiB=mem_ours / 2**20,
                     peer_MiB=peer_bytes / 2**20,
                 )

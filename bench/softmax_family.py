@@ -10,7 +10,7 @@ import numpy as np
 
 import softjax as sj
 
-from .harness import compare_row, median_times, note, tier, ulp_error
+from .harness import compare_row, note, ratio_columns, tier, timings, ulp_error
 
 OPS = {
     "softmax": (sj.softmax, jax.nn.softmax),
@@ -81,16 +81,14 @@ def torch_rows(x32: np.ndarray, reps: int) -> list[dict]:
     rows = []
     for name, (ours, _) in OPS.items():
         ours_j = jax.jit(ours)
-        t_ours, t_torch = median_times([lambda: ours_j(x), peers[name]], (), reps=reps)
+        t_ours, t_torch = timings([lambda: ours_j(x), peers[name]], (), reps=reps)
         rows.append(
             {
                 "op": name,
                 "case": f"{x32.shape[0]}x{x32.shape[1]} fwd",
                 "dtype": "float32",
                 "peer": f"torch {torch.__version__}",
-                "time_ratio": t_ours / t_torch,
-                "softjax_ms": 1e3 * t_ours,
-                "peer_ms": 1e3 * t_torch,
+                **ratio_columns(t_ours, t_torch),
             }
         )
     return rows

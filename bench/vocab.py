@@ -27,7 +27,7 @@ import optax
 import softjax
 
 from . import deviceless
-from .harness import median_times, note, temp_bytes, tier, ulp_error
+from .harness import note, ratio_columns, temp_bytes, tier, timings, ulp_error
 
 
 def fused(x, w, y):
@@ -131,7 +131,7 @@ def time_rows(n, d, v, reps) -> list[dict]:
         fns.append(torch_run)
     else:
         note("torch rows skipped: no torch with linear_cross_entropy installed")
-    times = median_times(fns, (), reps=reps, warmup=1)
+    times = timings(fns, (), reps=reps, warmup=1)
     # Error of the loss against float64 (NumPy), in float32 ulps.
     z = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
     m = z.max(-1)
@@ -145,9 +145,7 @@ def time_rows(n, d, v, reps) -> list[dict]:
             case=case,
             dtype="float32",
             peer="x@w.T + optax",
-            time_ratio=times[0] / times[1],
-            softjax_ms=times[0] * 1e3,
-            peer_ms=times[1] * 1e3,
+            **ratio_columns(times[0], times[1]),
             softjax_err=err(ours(x, w, y)[0]),
             peer_err=err(peer(x, w, y)[0]),
         )
@@ -159,9 +157,7 @@ def time_rows(n, d, v, reps) -> list[dict]:
                 case=case,
                 dtype="float32",
                 peer="torch chunked",
-                time_ratio=times[0] / times[2],
-                softjax_ms=times[0] * 1e3,
-                peer_ms=times[2] * 1e3,
+                **ratio_columns(times[0], times[2]),
                 peer_err=err(torch_run()),
             )
         )

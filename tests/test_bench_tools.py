@@ -1,6 +1,7 @@
 """The measuring tools of the bench: HBM bytes from compiled HLO, and the device check."""
 
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -76,3 +77,22 @@ def test_bench_table_columns_line_up_and_help_documents_them(capsys):
         bench_main.main(["--help"])
     out = capsys.readouterr().out
     assert all(name in out for name in bench_main.COLUMNS)
+
+
+def test_timings_measure_wall_and_process_cpu_time():
+    from bench import harness
+
+    def spin(seconds):  # busy for `seconds` of this process's CPU time
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    def sleep(seconds):  # idle: wall time without CPU time
+        time.sleep(seconds)
+
+    busy, idle = harness.timings([lambda: spin(0.02), lambda: sleep(0.02)], (), reps=3, warmup=0)
+    assert busy.wall >= 0.02 and idle.wall >= 0.02
+    assert busy.cpu >= 0.02 and idle.cpu < 0.01
+    row = harness.ratio_columns(busy, idle)
+    assert row["time_ratio"] == busy.wall / idle.wall and row["cpu_ratio"] == busy.cpu / idle.cpu
+    assert harness.ratio_columns(busy, None) == {"softjax_ms": 1e3 * busy.wall}
