@@ -198,10 +198,25 @@ def shift_rows(x: jax.Array, axes: Axes, where: jax.Array | None, temperature=No
     infinite = raw_max == jnp.inf
     empty = raw_max == -jnp.inf
     # Rule 5: a row holding +inf is shifted by the largest float; its +inf entries then give
-    # inf - big = inf, which the clamp below turns into 0 (arithmetic only: the passes over
-    # x stay fused), and its finite entries lie so far below that exp gives exactly 0.
+    # inf - big = inf, which the clamp in _shift_entries turns into 0 (arithmetic only: the
+    # passes over x stay fused), and its finite entries lie so far below that exp gives 0.
     big = jnp.finfo(x.dtype).max
     shift = lax.stop_gradient(jnp.where(empty, 0.0, jnp.minimum(raw_max, big)))
+    offset = jnp.where(infinite, jnp.inf, 0.0).astype(x.dtype)
+    hi, lo = _shift_entries(x, shift, infinite, temperature)
+    return Shifted(hi, lo, shift, lax.stop_gradient(empty), x, lax.stop_gradient(offset))
+
+
+def reshift(x: jax.Array, rows: Shifted, where: jax.Array | None, temperature=None):
+    """``(hi, lo)`` of :func:`shift_rows` for ``x`` with the row shift of ``rows`` (elementwise).
+
+    For an output pass that recomputes the shifted entries from the input instead of reading
+    back the ones the reductions used (see :func:`unshared`).
+    """
+    return _shift_entries(mask_invalid(x, where), rows.shift, rows.offset == jnp.inf, temperature)
+
+
+def _shift_entries(x, shift, infinite, temperature):
     hi, lo = two_sum(x, -shift)
     # A select, not minimum: the derivative at the maximum (hi == 0) must stay 1.
     hi = jnp.where(hi > 0, 0.0, hi)
@@ -219,8 +234,19 @@ def shift_rows(x: jax.Array, axes: Axes, where: jax.Array | None, temperature=No
         hi, lo = jnp.where(finite, q, hi), q_lo
         # (x - inf) / T is -inf whatever T: a huge T must not bring the finite entries back.
         hi = jnp.where(infinite & (x < shift), -jnp.inf, hi)
-    offset = jnp.where(infinite, jnp.inf, 0.0).astype(x.dtype)
-    return Shifted(hi, lo, shift, lax.stop_gradient(empty), x, lax.stop_gradient(offset))
+    return hi, lo
+
+
+def unshared(x: jax.Array) -> jax.Array:
+    """``x``, as a value XLA cannot identify with ``x`` on GPU and TPU (the identity on CPU).
+
+    An output pass computed from ``unshared(x)`` recomputes its elementwise work instead of
+    reusing that of the reductions: XLA:GPU would otherwise fuse the reduction with a second
+    output, the full-size float32 exponentials, and read them back (a 4 GiB temporary and
+    1.75x the bytes of ``jax.nn.softmax`` for a bf16 ``[8192, 131072]``). On XLA:CPU the
+    recomputation costs more than it saves, so there it is the plain ``x``.
+    """
+    return lax.platform_dependent(x, cpu=lambda x: x, default=lax.optimization_barrier)
 
 
 def exp_compensated(hi: jax.Array, lo: jax.Array) -> jax.Array:

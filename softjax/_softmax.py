@@ -56,9 +56,13 @@ def _tempered_tangent(t, x_dot, t_dot, shifted):
 
 
 def _softmax_value(x, where, t, axes):
-    s = nx.shift_rows(nx.upcast(x), axes, where, _compute_t(t, x.dtype))
-    e = nx.exp_compensated(s.hi, s.lo)
-    return nx.safe_divide(e, nx.compensated_sum(e, axes)), s
+    t = _compute_t(t, x.dtype)
+    s = nx.shift_rows(nx.upcast(x), axes, where, t)
+    total = nx.compensated_sum(nx.exp_compensated(s.hi, s.lo), axes)
+    # The output pass recomputes the exponentials from the input (in its own dtype: one
+    # read of a bf16 x) rather than reading back those of the sum; see nx.unshared.
+    hi, lo = nx.reshift(nx.upcast(nx.unshared(x)), s, where, t)
+    return nx.safe_divide(nx.exp_compensated(hi, lo), total), s
 
 
 def _compute_t(t, dtype):
