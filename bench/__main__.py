@@ -39,6 +39,8 @@ _quiet_missing_gpu()
 
 import jax  # noqa: E402
 
+from bench import harness  # noqa: E402
+
 # Op families, in the order they are run; each is ``bench/<name>.py``.
 MODULES = ["softmax_family", "losses", "vocab", "attention", "sampling"]
 
@@ -68,6 +70,17 @@ def cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
     return str(v)
+
+
+# Widths the streamed rows are printed at (a longer cell pushes the rest of its line).
+WIDTHS = {"family": 14, "op": 26, "case": 36, "dtype": 8, "peer": 18}
+
+
+def format_line(cells: list[str]) -> str:
+    """One streamed line: the named columns at their ``WIDTHS``, the numbers at 11."""
+    return " ".join(
+        c.ljust(WIDTHS.get(name, 11)) for name, c in zip(COLUMNS, cells, strict=True)
+    ).rstrip()
 
 
 def format_table(rows: list[dict]) -> str:
@@ -140,19 +153,29 @@ def main(argv=None) -> int:
     all_rows, start = [], time.perf_counter()
     total = sum(WEIGHTS[n] for n in names)
     done = 0.0
+
+    def print_row(row):  # each row as it is measured, under the header
+        row.setdefault("family", current)
+        print(format_line([cell(row.get(c)) for c in COLUMNS]), flush=True)
+
+    harness._REPORTER[:] = [print_row]
     for k, name in enumerate(names, 1):
         elapsed = time.perf_counter() - start
         eta = f", about {elapsed * (total - done) / done:.0f} s left" if done else ""
         print(f"\n[{k}/{len(names)}] {name} ... ({elapsed:.0f} s so far{eta})", flush=True)
+        print(format_line(list(COLUMNS)), flush=True)
+        current = name
         t0 = time.perf_counter()
         module = importlib.import_module(f"bench.{name}")
         rows = module.run(args)
         for r in rows:
             r.setdefault("family", name)
+            r.pop("_reported", None)
         done += WEIGHTS[name]
         took = time.perf_counter() - t0
-        print(f"## {name}: {len(rows)} rows in {took:.0f} s\n{format_table(rows)}", flush=True)
+        print(f"## {name}: {len(rows)} rows in {took:.0f} s", flush=True)
         all_rows.extend(rows)
+    harness._REPORTER.clear()
     print(f"\n{summary(all_rows)}; {time.perf_counter() - start:.0f} s in all", flush=True)
     if args.json:
         with open(args.json, "w") as f:

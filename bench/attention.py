@@ -20,7 +20,7 @@ import numpy as np
 
 import softjax
 
-from .harness import note, ratio_columns, temp_bytes, tier, timings
+from .harness import Rows, note, ratio_columns, temp_bytes, tier, timings
 
 N, H = 8, 64
 
@@ -94,7 +94,7 @@ def _headline(t_len, reps):
     spec = jax.ShapeDtypeStruct(q.shape, q.dtype)
     sj, nn = _softjax("chunked"), _jax_nn
     torch_fwd, torch_fwd_bwd = _torch_fns(q, k, v)
-    rows = []
+    rows = Rows()
     for what, wrap, torch_fn in (
         ("fwd", lambda f: f, torch_fwd),
         ("fwd+bwd", _fwd_bwd, torch_fwd_bwd),
@@ -123,7 +123,7 @@ def _headline(t_len, reps):
 
 def _scaling(lengths, timed, large, reps):
     """fwd+bwd temp memory (compile only) for every T, and time for T in ``timed``."""
-    rows, curve = [], []
+    rows, curve = Rows(), []
     for t_len in lengths:
         spec = jax.ShapeDtypeStruct((1, t_len, N, H), jnp.float32)
         mem_sj = temp_bytes(_fwd_bwd(_softjax("chunked")), spec, spec, spec)
@@ -153,7 +153,7 @@ def _scaling(lengths, timed, large, reps):
 
 def _crossover(lengths, reps):
     """fwd+bwd time of the materialising path against the chunked one at short T."""
-    rows = []
+    rows = Rows()
     for t_len in lengths:
         q, k, v = _inputs(t_len)
         fns = [jax.jit(_fwd_bwd(_softjax("chunked"))), jax.jit(_fwd_bwd(_softjax("xla")))]

@@ -18,6 +18,28 @@ import numpy as np
 
 _NOTED: set[str] = set()
 
+# Called with each finished row (see Rows); the bench's main loop sets it to print the row.
+_REPORTER: list[Callable[[dict], None]] = []
+
+
+class Rows(list):
+    """A family's table rows: each row is reported to the running bench as it is added, so
+    the table prints row by row while the family is still measuring."""
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if _REPORTER and not row.get("_reported"):
+            row["_reported"] = True
+            _REPORTER[0](row)
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
+
 
 def note(message: str) -> None:
     """Prints ``message`` (what a run skipped, where it wrote) once per run."""

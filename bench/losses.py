@@ -9,7 +9,7 @@ import optax
 
 import softjax as sj
 
-from .harness import compare_row, ratio_columns, tier, timings
+from .harness import Rows, compare_row, ratio_columns, tier, timings
 
 
 def _rel_err_ulps(value, ref: float) -> float:
@@ -34,7 +34,7 @@ def run(args) -> list[dict]:
     labels = jnp.asarray(rng.integers(0, shape[1], shape[0]), jnp.int32)
     t32 = (rng.random(shape) < 0.1).astype(np.float32)
     size = f"{shape[0]}x{shape[1]}"
-    rows = []
+    rows = Rows()
     for dtype in ("float32", "bfloat16"):
         x = jnp.asarray(x32).astype(dtype)
         x64 = np.asarray(x.astype(jnp.float32), np.float64)

@@ -16,7 +16,7 @@ import numpy as np
 from softjax import sample
 from softjax.sampling import filter_logits, filter_logits_reference, sample_reference
 
-from .harness import ratio_columns, temp_bytes, tier, timings
+from .harness import Rows, ratio_columns, temp_bytes, tier, timings
 
 
 def _logits(b: int, v: int) -> jax.Array:
@@ -42,7 +42,7 @@ def run(args) -> list[dict]:
         settings.append(("min_p=0.05", dict(min_p=0.05)))
     floor = jax.jit(lambda k, x: jax.random.categorical(k, x, axis=-1))
     floor_bytes = temp_bytes(floor, key, x)
-    rows = []
+    rows = Rows()
     for name, kw in settings:
         ours = jax.jit(lambda k, x, kw=kw: sample(k, x, **kw))
         sort_based = jax.jit(lambda k, x, kw=kw: sample_reference(k, x, **kw))

@@ -10,7 +10,7 @@ import numpy as np
 
 import softjax as sj
 
-from .harness import compare_row, note, ratio_columns, tier, timings, ulp_error
+from .harness import Rows, compare_row, note, ratio_columns, tier, timings, ulp_error
 
 OPS = {
     "softmax": (sj.softmax, jax.nn.softmax),
@@ -44,7 +44,7 @@ def run(args) -> list[dict]:
     reps = args.reps or tier(args, 3, 5, 7)
     rng = np.random.default_rng(0)
     x32 = (rng.standard_normal(shape) * 10).astype(np.float32)  # logit scale 10
-    rows = []
+    rows = Rows()
     for dtype in ("float32", "bfloat16"):
         x = jnp.asarray(x32).astype(dtype)
         x64 = np.asarray(x[:ERR_ROWS].astype(jnp.float32), np.float64)
@@ -78,7 +78,7 @@ def torch_rows(x32: np.ndarray, reps: int) -> list[dict]:
         "log_softmax": lambda: torch.log_softmax(xt, -1),
         "logsumexp": lambda: torch.logsumexp(xt, -1),
     }
-    rows = []
+    rows = Rows()
     for name, (ours, _) in OPS.items():
         ours_j = jax.jit(ours)
         t_ours, t_torch = timings([lambda: ours_j(x), peers[name]], (), reps=reps)

@@ -27,7 +27,7 @@ import optax
 import softjax
 
 from . import deviceless
-from .harness import note, ratio_columns, temp_bytes, tier, timings, ulp_error
+from .harness import Rows, note, ratio_columns, temp_bytes, tier, timings, ulp_error
 
 
 def fused(x, w, y):
@@ -52,13 +52,15 @@ def _grad_temp(fn, n, d, v, dtype) -> int:
 
 
 def memory_rows(n, d, vs, dtype) -> list[dict]:
-    rows = []
-    for v in vs:
+    rows = Rows()
+    for k, v in enumerate(vs):
         ours, peer = _grad_temp(fused, n, d, v, dtype), _grad_temp(naive, n, d, v, dtype)
+        # Flat in V: the second size against the first.
+        growth = f" (x{ours / rows[0]['softjax_MiB'] / 2**20:.3f} vs V/2)" if k == 1 else ""
         rows.append(
             dict(
                 op="linear_cross_entropy",
-                case=f"mem N={n} D={d} V={v}",
+                case=f"mem N={n} D={d} V={v}{growth}",
                 dtype=jnp.dtype(dtype).name,
                 peer="x@w.T + optax",
                 softjax_MiB=ours / 2**20,
@@ -139,7 +141,8 @@ def time_rows(n, d, v, reps) -> list[dict]:
     ref = np.mean(lse - z[np.arange(n), np.asarray(y)])
     err = lambda out: ulp_error(np.asarray(out), np.asarray(ref), jnp.float32)  # noqa: E731
     case = f"fwd+bwd N={n} D={d} V={v}"
-    rows = [
+    rows = Rows()
+    rows.append(
         dict(
             op="linear_cross_entropy",
             case=case,
@@ -149,7 +152,7 @@ def time_rows(n, d, v, reps) -> list[dict]:
             softjax_err=err(ours(x, w, y)[0]),
             peer_err=err(peer(x, w, y)[0]),
         )
-    ]
+    )
     if torch_run is not None:
         rows.append(
             dict(
@@ -181,7 +184,7 @@ def _compile_target(target, heads, impls) -> list[dict]:
 def target_rows(heads, targets=deviceless.TARGETS) -> list[dict]:
     """Side by side, per target and head: temp MiB and HBM GiB of each implementation."""
     impls = ("pallas", "xla", "naive", "tokamax")
-    rows = []
+    rows = Rows()
     for target in targets:
         missing = deviceless.available(target)
         if missing:
@@ -234,9 +237,6 @@ def run(args) -> list[dict]:
     tn, td, tv = tier(args, (128, 64, 2048), (1024, 256, 16384), (2048, 512, 32768))
     reps = args.reps or tier(args, 2, 3, 3)
     rows = memory_rows(n, d, vs, jnp.bfloat16)
-    if len(rows) == 2:
-        growth = rows[1]["softjax_MiB"] / rows[0]["softjax_MiB"]
-        rows[1]["case"] += f" (x{growth:.3f} vs V/2)"
     rows += time_rows(tn, td, tv, reps)
     if not args.quick:
         # One head and target per chip family by default; every target with --full, every

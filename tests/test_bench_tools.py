@@ -96,3 +96,19 @@ def test_timings_measure_wall_and_process_cpu_time():
     row = harness.ratio_columns(busy, idle)
     assert row["time_ratio"] == busy.wall / idle.wall and row["cpu_ratio"] == busy.cpu / idle.cpu
     assert harness.ratio_columns(busy, None) == {"softjax_ms": 1e3 * busy.wall}
+
+
+def test_rows_are_reported_once_each_as_they_are_added():
+    from bench import harness
+
+    seen = []
+    harness._REPORTER[:] = [seen.append]
+    try:
+        rows = harness.Rows()
+        rows.append({"op": "a"})
+        rows += [{"op": "b"}, {"op": "c"}]
+        outer = harness.Rows()
+        outer += rows  # a family's rows gathered from a helper's: not reported twice
+    finally:
+        harness._REPORTER.clear()
+    assert [r["op"] for r in seen] == ["a", "b", "c"] and len(outer) == 3
