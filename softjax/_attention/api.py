@@ -140,7 +140,7 @@ def dot_product_attention(
     dropout_rng=None,
     return_lse: bool = False,
     implementation: Implementation | None = None,
-    block_q: int = 256,
+    block_q: int | None = None,
     block_k: int = 256,
 ):
     """Scaled dot-product attention, exact and memory-lean, with an online softmax.
@@ -187,7 +187,9 @@ def dot_product_attention(
         ``block_k`` keys with a custom VJP, memory linear in T and S, skipping blocks hidden
         by the causal mask or the window; ``None`` picks ``"xla"`` on CPU below
         ``T * S = 512**2`` and ``"chunked"`` otherwise.
-      block_q, block_k: block sizes of ``"chunked"`` (clipped to the lengths).
+      block_q, block_k: block sizes of ``"chunked"`` (clipped to the lengths). ``block_q=None``
+        is 512 where that pads T no further than 256 would, else 256: twice the work per loop
+        step keeps more cores busy (fwd+bwd 1.1-1.4x faster on two CPU cores at T=1024-8192).
 
     Returns:
       The output ``[B, T, N, H]`` in the dtype of ``query``, and with ``return_lse`` also
@@ -254,6 +256,8 @@ def dot_product_attention(
         seed = jax.random.bits(dropout_rng, (2,), jnp.uint32)
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
+    if block_q is None:
+        block_q = chunked.default_block_q(t_len)
     block_q = _checks.number(block_q, "block_q", integral=True)
     block_k = _checks.number(block_k, "block_k", integral=True)
     for name, x in (("block_q", block_q), ("block_k", block_k)):

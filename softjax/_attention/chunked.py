@@ -366,6 +366,16 @@ def _pad_axis(x, axis: int, to: int, value=0, broadcast: bool = False):
     return jnp.pad(x, widths, constant_values=value)
 
 
+def default_block_q(t_len: int) -> int:
+    """512 queries a block where that adds no padding over 256, else 256.
+
+    Measured on two CPU cores (fwd+bwd, causal, 8 heads of 64): 512 x 256 blocks are 1.10x,
+    1.26x, 1.35x and 1.43x faster than 256 x 256 at T = 1024, 2048, 4096 and 8192, the loop
+    bodies keeping 1.7-1.9 cores busy instead of 1.4.
+    """
+    return 512 if _round_up(t_len, 512) == _round_up(t_len, 256) else 256
+
+
 def block_sizes(t_len: int, s_len: int, block_q: int, block_k: int) -> tuple[int, int]:
     """Block sizes: the requested ones, or the whole (8-aligned) length when it is shorter."""
     return min(block_q, _round_up(t_len, 8)), min(block_k, _round_up(s_len, 8))
