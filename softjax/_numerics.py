@@ -315,12 +315,15 @@ def _log_normalizer(z, shift, lo, axes):
     # size, where arithmetic alone fuses into a single streaming pass.
     big = 2.0 / float(jnp.finfo(dtype).tiny)  # turns any non-zero difference into >= 2
     c_hi, c_lo = two_sum(shift, jnp.asarray(-LIFT, dtype))
-    # Clamped below so that -inf entries give exp(-huge) == 0 rather than NaN through TwoSum
-    # (the floor is at most -1e30, far below a shift near the largest float too), and above
-    # so that the +inf entries of a row shifted by the largest float (rule 5) count as its
-    # maximum: this clamp is local to the ``rest`` sum, the input itself stays unchanged.
+    # Clamped below so that -inf entries give exp(-huge) == 0 rather than NaN through TwoSum,
+    # and above so that the +inf entries of a row shifted by the largest float (rule 5) count
+    # as its maximum: this clamp is local to the ``rest`` sum, the input stays unchanged. The
+    # floor (per row) lies at least 1e30 below the shift, or twice as far from 0 where
+    # subtracting 1e30 would round back to the shift itself (|shift| > ~8e36), and never
+    # below the largest negative float; only a shift of exactly -max has no floor below it.
     zc = jnp.minimum(z, jnp.finfo(dtype).max)
-    s, err = _two_sum_unguarded(jnp.maximum(zc, jnp.minimum(c_hi, 0.0) - 1e30), -c_hi)
+    floor = jnp.maximum(2.0 * jnp.minimum(c_hi, 0.0) - 1e30, -jnp.finfo(dtype).max)
+    s, err = _two_sum_unguarded(jnp.maximum(zc, floor), -c_hi)
     if lo is not None:
         err = err + lo
     e = jnp.exp(s)

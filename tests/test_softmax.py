@@ -111,6 +111,17 @@ def test_no_overflow_for_any_finite_input():
     np.testing.assert_allclose(sj.logsumexp(x, axis=-1), big, rtol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("top", [-1e37, -1e38, -3e38, 0.0, 3e38])
+def test_minus_inf_entries_drop_out_at_any_shift(top, dtype):
+    # A -inf entry contributes exactly nothing, however far the row's maximum is from 0
+    # (a floor of shift - 1e30 rounds back to the shift itself below about -8e36).
+    x = jnp.asarray([top, -np.inf], dtype)
+    np.testing.assert_array_equal(sj.log_softmax(x), [0.0, -np.inf])
+    np.testing.assert_array_equal(sj.logsumexp(x), x[0])
+    assert float(sj.cross_entropy(x[None], jnp.array([0]))) == 0.0
+
+
 # ---------------------------------------------------------------------------------------
 # Accuracy against float64
 
