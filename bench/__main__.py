@@ -59,6 +59,8 @@ COLUMNS = {
     "peer_ms": "peer median time, ms",
     "softjax_MiB": "softjax compiled temp memory, MiB",
     "peer_MiB": "peer compiled temp memory, MiB",
+    "softjax_HBM_GiB": "softjax HBM bytes read+written by the compiled kernels, GiB (targets)",
+    "peer_HBM_GiB": "peer HBM bytes, GiB (compiled for a target: exact, nothing run)",
     "softjax_err": "softjax max error against float64 (ulp of the output dtype, or relative)",
     "peer_err": "peer max error against float64, same unit",
 }

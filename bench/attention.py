@@ -151,6 +151,24 @@ def _scaling(lengths, timed, large, reps):
     return rows, curve
 
 
+def _block_rows(t_len, reps):
+    """fwd+bwd with the default query blocks against the 256-query blocks they replaced."""
+    q, k, v = _inputs(t_len)
+
+    def fixed(q, k, v):
+        return softjax.dot_product_attention(q, k, v, is_causal=True, implementation="chunked",
+                                             block_q=256)  # fmt: skip
+
+    fns = [jax.jit(_fwd_bwd(_softjax("chunked"))), jax.jit(_fwd_bwd(fixed))]
+    ours, peer = timings(fns, (q, k, v), reps=reps, warmup=1)
+    rows = Rows()
+    rows.append(
+        dict(op="attention chunked", case=f"T={t_len} causal fwd+bwd", dtype="float32",
+             peer="softjax block_q=256", **ratio_columns(ours, peer))
+    )  # fmt: skip
+    return rows
+
+
 def _crossover(lengths, reps):
     """fwd+bwd time of the materialising path against the chunked one at short T."""
     rows = Rows()
@@ -193,6 +211,7 @@ def _plot(curve, path):
 def run(args) -> list[dict]:
     reps = args.reps or tier(args, 2, 3, 3)
     rows = _headline(tier(args, 512, 2048, 4096), reps)
+    rows += _block_rows(tier(args, 512, 2048, 4096), reps)
     full = [512, 1024, 2048, 4096, 8192, 16384, 32768]
     lengths = tier(args, [256, 512, 1024], full[:5], full)
     timed = tier(args, [256, 512], [512, 1024], [512, 1024, 2048])

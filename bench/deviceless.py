@@ -173,11 +173,66 @@ def compile_head(target: str, head: tuple, impl: str = "pallas") -> dict:
     return out
 
 
+# The softmax family is compiled beside jax.nn at one LLM-sized block of rows.
+FAMILY_SHAPE = (8192, 131072)
+
+
+def family_fns() -> dict:
+    """``{op: (softjax function, jax.nn function)}``, rows along the last axis."""
+    import jax
+
+    import softjax
+
+    def lse(x):
+        return softjax.logsumexp(x, axis=-1)
+
+    def nn_lse(x):
+        return jax.nn.logsumexp(x, axis=-1)
+
+    return {
+        "softmax": (softjax.softmax, jax.nn.softmax),
+        "log_softmax": (softjax.log_softmax, jax.nn.log_softmax),
+        "logsumexp": (lse, nn_lse),
+    }
+
+
+def compile_family(target: str, shape=FAMILY_SHAPE, dtypes=("bfloat16", "float32")) -> list:
+    """:func:`compile_for` of each softmax-family op, softjax and jax.nn, forward only."""
+    import jax.numpy as jnp
+
+    rows = []
+    for op, fns in family_fns().items():
+        for dtype in dtypes:
+            for impl, fn in zip(("softjax", "jax.nn"), fns, strict=True):
+                out = compile_for(target, fn, (shape, jnp.dtype(dtype)))
+                out.update(op=op, impl=impl, dtype=dtype, shape=list(shape))
+                rows.append(out)
+    return rows
+
+
+def in_subprocess(target: str, *flags: str, timeout: int = 3600) -> list[dict]:
+    """This module's JSON rows for ``target`` with ``flags``, from a process of its own (libtpu
+    serves one TPU generation per process); one row with an ``error`` if that process failed."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "bench.deviceless", "--target", target, *flags]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=timeout)
+    if proc.returncode != 0:
+        return [dict(target=target, error=proc.stderr.strip().splitlines()[-1:])]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=TARGETS, required=True)
     parser.add_argument("--head", action="append", default=[], help="D,V,dtype,N or a name")
     parser.add_argument("--impl", action="append", default=[], help="pallas, xla, naive, tokamax")
+    parser.add_argument(
+        "--family", choices=["softmax"], default=None,
+        help="compile softmax, log_softmax, logsumexp and their jax.nn peers instead of a loss",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     sys.argv = sys.argv[:1]  # tokamax parses absl flags from sys.argv, which are ours
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -193,6 +248,10 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    if args.family:
+        for out in compile_family(args.target):
+            print(json.dumps(out), flush=True)
+        return 0
     heads = []
     for h in args.head or list(HEADS):
         if h in HEADS:

@@ -10,6 +10,7 @@ import numpy as np
 
 import softjax as sj
 
+from . import deviceless
 from .harness import Rows, compare_row, note, ratio_columns, tier, timings, ulp_error
 
 OPS = {
@@ -61,7 +62,41 @@ def run(args) -> list[dict]:
                 compare_row(name, case, dtype, "jax.nn", fwd_bwd(ours), fwd_bwd(theirs), (x,), reps)
             )
     rows.extend(torch_rows(x32, reps))
+    if not args.quick:  # an H200 by default, every target with --full
+        rows.extend(target_rows(deviceless.TARGETS if args.full else ("h200",)))
     return rows
+
+
+def target_rows(targets) -> list[dict]:
+    """Each op compiled for each target (nothing run) at [8192, 131072]: temp memory and the
+    HBM bytes its kernels move, beside jax.nn's (``bench.deviceless --family softmax``)."""
+    rows = Rows()
+    for target in targets:
+        missing = deviceless.available(target)
+        if missing:
+            note(f"{target} rows skipped: compiling for it needs {missing} (the accel extra)")
+            continue
+        got = {}
+        for r in deviceless.in_subprocess(target, "--family", "softmax"):
+            if "error" in r:
+                note(f"{target} rows failed: {r['error']}")
+                break
+            got[r["op"], r["dtype"], r["impl"]] = r
+        for (op, dtype, impl), r in got.items():
+            peer = got.get((op, dtype, "jax.nn"))
+            if impl != "softjax" or peer is None:
+                continue
+            rows.append(
+                dict(op=op, case=f"{target} compiled {'x'.join(map(str, r['shape']))} fwd",
+                     dtype=dtype, peer="jax.nn", softjax_MiB=r["temp_bytes"] / 2**20,
+                     peer_MiB=peer["temp_bytes"] / 2**20, softjax_HBM_GiB=_gib(r.get("hbm_bytes")),
+                     peer_HBM_GiB=_gib(peer.get("hbm_bytes")))
+            )  # fmt: skip
+    return rows
+
+
+def _gib(n):
+    return None if n is None else n / 2**30
 
 
 def torch_rows(x32: np.ndarray, reps: int) -> list[dict]:

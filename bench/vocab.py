@@ -14,10 +14,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -169,16 +166,8 @@ def time_rows(n, d, v, reps) -> list[dict]:
 
 def _compile_target(target, heads, impls) -> list[dict]:
     """``bench.deviceless`` rows for ``target`` (its own process: one TPU generation each)."""
-    cmd = [sys.executable, "-m", "bench.deviceless", "--target", target]
-    for h in heads:
-        cmd += ["--head", h]
-    for impl in impls:
-        cmd += ["--impl", impl]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    if proc.returncode != 0:
-        return [dict(target=target, error=proc.stderr.strip().splitlines()[-1:])]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    flags = [f for h in heads for f in ("--head", h)] + [f for i in impls for f in ("--impl", i)]
+    return deviceless.in_subprocess(target, *flags)
 
 
 def target_rows(heads, targets=deviceless.TARGETS) -> list[dict]:
@@ -213,6 +202,8 @@ def target_rows(heads, targets=deviceless.TARGETS) -> list[dict]:
                 peer="x@w.T + optax",
                 softjax_MiB=row.get("pallas_MiB"),
                 peer_MiB=row.get("naive_MiB"),
+                softjax_HBM_GiB=row.get("pallas_HBM_GiB"),
+                peer_HBM_GiB=row.get("naive_HBM_GiB"),
             )
             rows.append(row)
     return rows

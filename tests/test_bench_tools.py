@@ -112,3 +112,16 @@ def test_rows_are_reported_once_each_as_they_are_added():
     finally:
         harness._REPORTER.clear()
     assert [r["op"] for r in seen] == ["a", "b", "c"] and len(outer) == 3
+
+
+def test_breakdown_variants_all_compute_the_logsumexp():
+    # Each timed variant is a logsumexp of ordinary logits (no ties, nothing dominant), so
+    # the breakdown compares the cost of equal results.
+    import numpy as np
+
+    from bench import breakdown
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32) * 2)
+    want = np.asarray(jax.nn.logsumexp(x, axis=-1, keepdims=True))
+    for name, fn in breakdown.VARIANTS.items():
+        np.testing.assert_allclose(np.asarray(jax.jit(fn)(x)), want, rtol=1e-6, err_msg=name)
