@@ -3,13 +3,13 @@
 Everything else about the kernels is proved on a CPU (interpret mode runs the kernel code,
 deviceless compilation proves it compiles for the chip); this runs them on the chip:
 
-1. **Agreement.** ``linear_cross_entropy(implementation="pallas")`` against ``"xla"`` (the
+1. **Agreement.** ``linear_cross_entropy(implementation="pallas")`` against ``"chunked"`` (the
    streaming path, which is itself tested against float64 on every option) and against the
    float64 loss on the host: the loss and both gradients, every option (ignore_index, where,
    class weights, label smoothing, z-loss, soft-capping, each reduction), bf16 and float32,
    ragged sizes (N, V, D not multiples of any block).
-2. **Heads.** The accelerator table's heads that fit in memory: pallas against xla
-   (values, gradients) and the time of ``value_and_grad`` for pallas, xla and the naive
+2. **Heads.** The accelerator table's heads that fit in memory: pallas against chunked
+   (values, gradients) and the time of ``value_and_grad`` for pallas, chunked and the naive
    ``x @ w.T`` + optax, interleaved medians.
 
 Writes ``<out>/device_check.json`` and prints a short table; exits non-zero when any check
@@ -100,11 +100,11 @@ def agreement(n, d, v, dtype, name, reduction) -> dict:
     if kw.pop("_clip", False):
         y = jnp.where(y < 0, 0, y)
     got = grad_fn("pallas", reduction, kw)(x, w, y)
-    want = grad_fn("xla", reduction, kw)(x, w, y)
+    want = grad_fn("chunked", reduction, kw)(x, w, y)
     errs = [rel_err(g, r) for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)]
     finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in jax.tree.leaves(got))
     # float32: the two paths differ only in summation order; bf16: by the rounding of the
-    # logits-gradient block to bf16 before its matmul (the xla path rounds the same way).
+    # logits-gradient block to bf16 before its matmul (the chunked path rounds the same way).
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
     return dict(
         check="agreement",
@@ -134,9 +134,13 @@ def head_row(name, head, reps) -> dict:
 
     fns = {
         name: jax.jit(jax.value_and_grad(fn, (0, 1)))
-        for name, fn in (("pallas", fused("pallas")), ("xla", fused("xla")), ("naive", naive))
+        for name, fn in (
+            ("pallas", fused("pallas")),
+            ("chunked", fused("chunked")),
+            ("naive", naive),
+        )
     }
-    got, want = block(fns["pallas"](x, w, y)), block(fns["xla"](x, w, y))
+    got, want = block(fns["pallas"](x, w, y)), block(fns["chunked"](x, w, y))
     errs = [rel_err(g, r) for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)]
     row = dict(check="head", case=name, head=list(head), err_loss=errs[0], err_dx=errs[1],
                err_dw=errs[2], ok=max(errs) <= (1e-4 if dtype == "float32" else 2e-2))  # fmt: skip

@@ -228,7 +228,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=TARGETS, required=True)
     parser.add_argument("--head", action="append", default=[], help="D,V,dtype,N or a name")
-    parser.add_argument("--impl", action="append", default=[], help="pallas, xla, naive, tokamax")
+    parser.add_argument(
+        "--impl", action="append", default=[], help="pallas, chunked, naive, tokamax"
+    )
     parser.add_argument(
         "--family", choices=["softmax"], default=None,
         help="compile softmax, log_softmax, logsumexp and their jax.nn peers instead of a loss",

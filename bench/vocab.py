@@ -5,7 +5,7 @@
   a PNG of temp memory against V (8k..256k) for both.
 * Compiled for target (needs the ``accel`` extra): temp memory of ``value_and_grad`` compiled
   for an H200 and TPU v5e/v6e/v5p from this machine (``bench.deviceless``; nothing runs) for
-  softjax pallas, softjax xla, the naive path and (TPU) tokamax's Mosaic kernel, side by side,
+  softjax pallas, softjax chunked, the naive path and (TPU) tokamax's Mosaic kernel, side by side,
   with the HBM bytes the executable's kernels move (``bench.hlo_bytes``).
 * Time: forward + backward at N=2048, D=512, V=32768 float32, interleaved medians, beside
   the naive path and, when installed, ``torch.nn.functional.linear_cross_entropy`` with
@@ -172,7 +172,7 @@ def _compile_target(target, heads, impls) -> list[dict]:
 
 def target_rows(heads, targets=deviceless.TARGETS) -> list[dict]:
     """Side by side, per target and head: temp MiB and HBM GiB of each implementation."""
-    impls = ("pallas", "xla", "naive", "tokamax")
+    impls = ("pallas", "chunked", "naive", "tokamax")
     rows = Rows()
     for target in targets:
         missing = deviceless.available(target)

@@ -128,6 +128,18 @@ def normalize_axes(axis: int | Sequence[int] | None, ndim: int, name: str = "axi
     return tuple(sorted(out))
 
 
+def broadcasts_to(shape: tuple, target: tuple, name: str, what: str | None = None) -> None:
+    """Raises ValueError unless an array of ``shape`` broadcasts to ``target`` as it is
+    (NumPy's rules from the right, without growing ``target``). ``what`` describes
+    ``target`` in the message (default: the shape itself)."""
+    shape, target = tuple(shape), tuple(target)
+    fits = len(shape) <= len(target) and all(
+        d in (1, t) for d, t in zip(reversed(shape), reversed(target), strict=False)
+    )
+    if not fits:
+        raise ValueError(f"{name} has shape {shape}, which does not broadcast to {what or target}")
+
+
 def mask(where, shape: tuple, name: str = "where") -> jax.Array | None:
     """``where`` as a boolean array broadcast to ``shape``, or None."""
     if where is None:
@@ -135,12 +147,8 @@ def mask(where, shape: tuple, name: str = "where") -> jax.Array | None:
     where = jnp.asarray(where)
     if where.dtype != jnp.bool_:
         raise TypeError(f"{name} must be a boolean array, got dtype {where.dtype}")
-    try:
-        return jnp.broadcast_to(where, shape)
-    except ValueError:
-        raise ValueError(
-            f"{name} has shape {where.shape}, which does not broadcast to {shape}"
-        ) from None
+    broadcasts_to(where.shape, shape, name)
+    return jnp.broadcast_to(where, shape)
 
 
 def has_classes(num_classes: int, name: str, shape: tuple, axis) -> None:
@@ -178,14 +186,9 @@ def temperature(t, shape: tuple, axes: tuple):
             raise ValueError(f"temperature must be > 0, got {t}")
         return None if t == 1 else t
     t = floating(t, "temperature")
-    if t.ndim > len(shape):
-        raise ValueError(f"temperature has shape {t.shape}, which does not broadcast to {shape}")
+    broadcasts_to(t.shape, shape, "temperature")
     padded = (1,) * (len(shape) - t.ndim) + t.shape
-    for i, (dt, dx) in enumerate(zip(padded, shape, strict=True)):
-        if dt not in (1, dx):
-            raise ValueError(
-                f"temperature has shape {t.shape}, which does not broadcast to {shape}"
-            )
+    for i, dt in enumerate(padded):
         if i in axes and dt != 1:
             raise ValueError(
                 f"temperature has shape {t.shape}, but it must have size 1 along the "
@@ -226,3 +229,37 @@ def vector(x, length: int, name: str, what: str) -> jax.Array | None:
 
 def _short(value: np.ndarray) -> str:
     return repr(value.item()) if value.size == 1 else f"an array with min {np.min(value)!r}"
+
+
+def loss_options(label_smoothing, z_loss, logit_softcap, reduction_value):
+    """Checks the scalar options shared by the cross-entropies; returns the softcap (None,
+    or the cap: ``+inf`` is no cap)."""
+    reduction(reduction_value)
+    unit_interval(label_smoothing, "label_smoothing")
+    non_negative(z_loss, "z_loss")
+    return softcap(logit_softcap)
+
+
+def int_labels(labels, batch_shape: tuple, logits_desc: str, caller: str | None = None):
+    """``labels`` must be integer with the ``batch_shape`` (logits without the class axis).
+
+    Returns them as int32 (:func:`class_labels`), whatever their dtype. ``caller`` names a
+    function that takes no class probabilities (for its message).
+    """
+    labels = jnp.asarray(labels)
+    if caller is not None and jnp.issubdtype(labels.dtype, jnp.floating):
+        raise TypeError(
+            f"{caller} takes integer class labels; got labels of floating dtype "
+            f"{labels.dtype} (for class probabilities use cross_entropy on the logits)"
+        )
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        raise ValueError(
+            f"labels has floating dtype {labels.dtype} and shape {labels.shape}: class "
+            f"probabilities must have the shape of {logits_desc}"
+        )
+    labels = class_labels(labels, "labels")
+    if labels.shape != batch_shape:
+        raise ValueError(
+            f"labels has shape {labels.shape} but {logits_desc} has shape {batch_shape}"
+        )
+    return labels

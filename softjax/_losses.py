@@ -14,6 +14,7 @@ vocabulary-scale loss (``softjax._vocab``) reuses block by block rather than re-
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Literal, NamedTuple
 
@@ -231,7 +232,7 @@ def _safe_index(labels, num_classes):
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(5,))
-def _int_label_losses(logits, labels, valid, class_weight, opts: Options, smoothing: bool):
+def int_label_losses(logits, labels, valid, class_weight, opts: Options, smoothing: bool):
     return _int_label_parts(logits, labels, valid, class_weight, opts, smoothing)[0]
 
 
@@ -247,7 +248,7 @@ def _int_label_parts(logits, labels, valid, class_weight, opts, smoothing):
     return out, z, stats, terms
 
 
-@_int_label_losses.defjvp
+@int_label_losses.defjvp
 def _int_label_jvp(smoothing, primals, tangents):
     logits, labels, valid, class_weight, opts = primals
     out, z, stats, terms = _int_label_parts(logits, labels, valid, class_weight, opts, smoothing)
@@ -325,51 +326,31 @@ def reduce_losses(losses, denominator, reduction: str):
     return total if reduction == "sum" else nx.safe_divide(total, denominator)
 
 
-def check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype) -> Options:
-    """Validates the scalar options shared by the cross-entropies; returns them as arrays."""
-    _checks.reduction(reduction)
-    _checks.unit_interval(label_smoothing, "label_smoothing")
-    _checks.non_negative(z_loss, "z_loss")
-    logit_softcap = _checks.softcap(logit_softcap)
+def loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype) -> Options:
+    """The scalar options shared by the cross-entropies, checked, as arrays of ``dtype``."""
+    logit_softcap = _checks.loss_options(label_smoothing, z_loss, logit_softcap, reduction)
     cast = lambda v: jnp.asarray(v, dtype)  # noqa: E731
     return Options(
         cast(label_smoothing), cast(z_loss), None if logit_softcap is None else cast(logit_softcap)
     )
 
 
-def check_int_labels(labels, batch_shape: tuple, logits_desc: str, caller: str | None = None):
-    """``labels`` must be integer with the ``batch_shape`` (logits without the class axis).
-
-    Returns them as int32 (:func:`softjax._checks.class_labels`), whatever their dtype.
-    ``caller`` names a function that takes no class probabilities (for its message).
-    """
-    labels = jnp.asarray(labels)
-    if caller is not None and jnp.issubdtype(labels.dtype, jnp.floating):
-        raise TypeError(
-            f"{caller} takes integer class labels; got labels of floating dtype "
-            f"{labels.dtype} (for class probabilities use cross_entropy on the logits)"
-        )
-    if jnp.issubdtype(labels.dtype, jnp.floating):
-        raise ValueError(
-            f"labels has floating dtype {labels.dtype} and shape {labels.shape}: class "
-            f"probabilities must have the shape of {logits_desc}"
-        )
-    labels = _checks.class_labels(labels, "labels")
-    if labels.shape != batch_shape:
-        raise ValueError(
-            f"labels has shape {labels.shape} but {logits_desc} has shape {batch_shape}"
-        )
-    return labels
-
-
 Reduction = Literal["mean", "sum", "none"]
+
+
+def _classes_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``x`` with its class axes ``axes`` (sorted) moved last and flattened into one axis
+    ``[..., C]`` (row-major: class ``c`` is the flat index into ``x``'s slice over ``axes``)."""
+    x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+    batch = x.shape[: x.ndim - len(axes)]
+    return x.reshape(batch + (math.prod(x.shape[len(batch) :]),))
 
 
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     weight: ArrayLike | None = None,
     ignore_index: int | None = None,
     where: ArrayLike | None = None,
@@ -395,7 +376,9 @@ def cross_entropy(
       logits: floating ``[..., C, ...]`` with classes along ``axis``.
       labels: integer ``[...]`` (``logits``' shape without ``axis``) or floating class
         probabilities of ``logits``' shape.
-      axis: the class axis.
+      axis: the class axis, or a tuple of axes (as optax): their classes are flattened in
+        row-major order, an integer label being the flat index into ``logits``' slice over
+        them, and ``C`` their product.
       weight: optional ``[C]`` per-class weights.
       ignore_index: integer labels equal to it are excluded (loss 0, no gradient).
       where: optional boolean broadcastable to the example shape; False excludes.
@@ -423,39 +406,39 @@ def cross_entropy(
       Array(0.46436879, dtype=float32)
     """
     logits = _checks.floating(logits, "logits")
-    given_axis = axis
-    (axis,) = _checks.normalize_axes(axis, logits.ndim)
-    logits = jnp.moveaxis(logits, axis, -1)
+    given_axis, shape = axis, logits.shape
+    axes = _checks.normalize_axes(axis, logits.ndim)
+    logits = _classes_last(logits, axes)
     num_classes = logits.shape[-1]
-    _checks.has_classes(num_classes, "logits", jnp.moveaxis(logits, -1, axis).shape, given_axis)
+    _checks.has_classes(num_classes, "logits", shape, given_axis)
     batch_shape = logits.shape[:-1]
     dtype = nx.compute_dtype(logits.dtype)
-    opts = check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
+    opts = loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
     class_weight = _checks.vector(weight, num_classes, "weight", "class")
     class_weight = None if class_weight is None else class_weight.astype(dtype)
     valid = _checks.mask(where, batch_shape)
     valid = jnp.ones(batch_shape, bool) if valid is None else valid
     labels_arr = jnp.asarray(labels)
-    if jnp.issubdtype(labels_arr.dtype, jnp.floating) and labels_arr.ndim == logits.ndim:
-        labels_arr = jnp.moveaxis(labels_arr, axis, -1)
-        if labels_arr.shape != logits.shape:
+    if jnp.issubdtype(labels_arr.dtype, jnp.floating) and labels_arr.ndim == len(shape):
+        if labels_arr.shape != shape:
             raise ValueError(
-                f"labels (class probabilities) has shape {jnp.asarray(labels).shape} but "
-                f"logits has shape {jnp.moveaxis(logits, -1, axis).shape}"
+                f"labels (class probabilities) has shape {labels_arr.shape} but "
+                f"logits has shape {shape}"
             )
+        labels_arr = _classes_last(labels_arr, axes)
         if ignore_index is not None:
             raise ValueError("ignore_index applies to integer labels only; use where instead")
         losses = _soft_label_losses(logits, labels_arr, valid, class_weight, opts)
         return reduce_losses(losses, jnp.sum(valid, dtype=dtype), reduction)
-    desc = f"logits {jnp.moveaxis(logits, -1, axis).shape} without axis {given_axis}"
-    labels_arr = check_int_labels(labels_arr, batch_shape, desc)
+    desc = f"logits {shape} without axis {given_axis}"
+    labels_arr = _checks.int_labels(labels_arr, batch_shape, desc)
     ignore_index = _checks.ignore_index(ignore_index)
     if ignore_index is not None:
         valid = valid & (labels_arr != ignore_index)
     # A concrete zero smoothing skips the smoothing pass entirely (the common case).
     smoothing = _checks.concrete_value(label_smoothing)
     smoothing = smoothing is None or bool(np.any(smoothing != 0))
-    losses = _int_label_losses(logits, labels_arr, valid, class_weight, opts, smoothing)
+    losses = int_label_losses(logits, labels_arr, valid, class_weight, opts, smoothing)
     label_weight = _label_weight(class_weight, labels_arr, dtype)
     return reduce_losses(losses, jnp.sum(jnp.where(valid, label_weight, 0.0)), reduction)
 
@@ -482,7 +465,8 @@ def binary_cross_entropy(
     Args:
       logits: floating array ``[...]``.
       targets: floating array of the same shape, in [0, 1].
-      weight: optional per-element weight, broadcastable to ``logits``.
+      weight: optional per-element weight, broadcastable to ``logits`` (PyTorch's meaning
+        for this loss: in :func:`cross_entropy` ``weight`` holds one weight per class).
       pos_weight: optional weight of positive targets, broadcastable to ``logits``
         (typically ``[C]`` for the last, class axis, as in PyTorch).
       where: optional boolean broadcastable to ``logits``; False elements are excluded.
@@ -524,12 +508,5 @@ def binary_cross_entropy(
 
 def _broadcastable(x, shape, name, dtype):
     x = _checks.floating(x, name)
-    try:
-        jnp.broadcast_shapes(x.shape, shape)
-    except ValueError:
-        raise ValueError(
-            f"{name} has shape {x.shape}, which does not broadcast to {shape}"
-        ) from None
-    if jnp.broadcast_shapes(x.shape, shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {x.shape}, which does not broadcast to {shape}")
+    _checks.broadcasts_to(x.shape, shape, name)
     return x.astype(dtype)

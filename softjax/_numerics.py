@@ -89,22 +89,38 @@ def saturate_infinite_rows(x: jax.Array, infinite: jax.Array) -> jax.Array:
     return jnp.where(infinite, indicator, x)
 
 
-def dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], dtype) -> jax.Array:
-    """``lax.dot_general`` contracting axis ``contract[0]`` of ``a`` with ``contract[1]`` of
-    ``b``, accumulated in ``dtype``.
+def _dims(d) -> tuple[int, ...]:
+    return (d,) if isinstance(d, (int, np.integer)) else tuple(d)
 
-    float32 and float64 operands ask for ``Precision.HIGHEST``: a TPU's default float32 matmul
-    rounds its operands to bfloat16 (one MXU pass), which is not float32 arithmetic. Low
-    precision operands are multiplied exactly as they are and accumulated in ``dtype``.
+
+def dot(a: jax.Array, b: jax.Array, contract, dtype, batch=((), ())) -> jax.Array:
+    """``lax.dot_general`` contracting axes ``contract[0]`` of ``a`` with ``contract[1]`` of
+    ``b`` (ints or tuples), batched over ``batch[0]`` / ``batch[1]``, accumulated in ``dtype``.
+
+    The one matmul of softjax. float32 and float64 operands ask for ``Precision.HIGHEST``: a
+    TPU's default float32 matmul rounds its operands to bfloat16 (one MXU pass), which is
+    not float32 arithmetic. Low precision operands are multiplied exactly as they are and
+    accumulated in ``dtype``.
     """
     wide = np.dtype(a.dtype).itemsize >= 4
+    dims = ((_dims(contract[0]), _dims(contract[1])), (_dims(batch[0]), _dims(batch[1])))
     return lax.dot_general(
         a,
         b,
-        (((contract[0],), (contract[1],)), ((), ())),
+        dims,
         precision=lax.Precision.HIGHEST if wide else None,
         preferred_element_type=dtype,
     )
+
+
+def empty_row_shift(m: jax.Array) -> jax.Array:
+    """Rule 4: the shift of a row whose maximum is ``m``: ``m`` itself, or 0 for an empty
+    row (``m = -inf``), so that nothing computes ``-inf - -inf``.
+
+    A NaN maximum passes through (the row stays NaN, loudly); rows holding ``+inf`` are
+    shifted by :func:`shift_rows` under rule 5, or mapped first by the caller.
+    """
+    return jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
 
 
 def softcap(logits: jax.Array, cap) -> jax.Array:

@@ -63,7 +63,7 @@ def _sorted_rows(x: jax.Array, where):
     z = nx.saturate_infinite_rows(z, infinite)
     m = jnp.where(infinite, 0.0, m)
     empty = m == -jnp.inf
-    z = z - lax.stop_gradient(jnp.where(empty, 0.0, m))
+    z = z - lax.stop_gradient(nx.empty_row_shift(m))
     n_valid = jnp.sum(z > -jnp.inf, axis=-1, keepdims=True)
     valid_sorted = jnp.arange(z.shape[-1]) < n_valid
     srt = jnp.where(valid_sorted, -jnp.sort(-z, axis=-1), 0.0)

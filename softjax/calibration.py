@@ -255,14 +255,16 @@ def fit_temperature(logits, labels, *, where=None, steps: int = 30) -> jax.Array
     beyond it, e.g. ``T -> 0`` for perfectly separated data). Jittable.
 
     Args:
-      logits: ``[..., V]`` floating validation logits (computed in float32).
+      logits: ``[..., V]`` floating validation logits (computed in float32, float64 for
+        float64).
       labels: ``[...]`` integer class indices; a counted label outside ``[0, V)`` gives
         ``T = NaN`` (loud, as in the losses).
       where: optional boolean ``[...]``; False samples are left out.
       steps: number of iterations (static); 30 reach float32 precision from ``T = 1``.
 
     Returns:
-      ``T`` as a float32 scalar; divide logits by it to recalibrate. 1 when no sample counts.
+      ``T`` as a float32 scalar (float64 for float64 logits); divide logits by it to
+      recalibrate. 1 when no sample counts.
 
     Example:
       >>> fit_temperature(jnp.array([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0]]), jnp.array([0, 1, 1]))
@@ -276,7 +278,7 @@ def fit_temperature(logits, labels, *, where=None, steps: int = 30) -> jax.Array
     labels = labels.reshape(-1)
     t = _fit(x, jnp.clip(labels, 0, x.shape[-1] - 1), w, int(steps))
     t = jnp.where(jnp.sum(w) > 0, t, 1.0)
-    return _nan_if_bad_labels(t, labels, w > 0, x.shape[-1]).astype(jnp.float32)
+    return _nan_if_bad_labels(t, labels, w > 0, x.shape[-1]).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------

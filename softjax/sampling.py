@@ -71,13 +71,12 @@ def _knob(value, name: str, batch_shape: tuple, kind: str):
             arr = jnp.asarray(float(value), jnp.float32)
         else:
             arr = _checks.floating(value, name)
-    try:
-        arr = jnp.broadcast_to(arr, batch_shape)
-    except ValueError:
-        raise ValueError(
-            f"{name} has shape {jnp.shape(value)}, which does not broadcast to the batch shape "
-            f"{batch_shape} (the logits' shape without the sampled axis; one value per row)"
-        ) from None
+    what = (
+        f"the batch shape {batch_shape} (the logits' shape without the sampled axis; "
+        "one value per row)"
+    )
+    _checks.broadcasts_to(arr.shape, batch_shape, name, what)
+    arr = jnp.broadcast_to(arr, batch_shape)
     if kind == "int":
         _checks.non_negative(arr, name)
         return arr.astype(jnp.int32)

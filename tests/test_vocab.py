@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import softjax
-from softjax._vocab import xla
+from softjax._vocab import chunked
 from softjax._vocab.reference import linear_cross_entropy_reference
 
 F32, BF16, F64 = jnp.float32, jnp.bfloat16, jnp.float64
@@ -20,10 +20,10 @@ F32, BF16, F64 = jnp.float32, jnp.bfloat16, jnp.float64
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of at most 512 classes and ~10 tokens: small problems span several ragged ones."""
-    monkeypatch.setattr(xla, "MAX_BLOCK_V", 512)
-    monkeypatch.setattr(xla, "MIN_BLOCK_V", 8)
-    monkeypatch.setattr(xla, "BLOCK_N", 10)
-    monkeypatch.setattr(xla, "BLOCK_ELEMENTS", 10_000)  # single pass: 10 tokens at V=1000
+    monkeypatch.setattr(chunked, "MAX_BLOCK_V", 512)
+    monkeypatch.setattr(chunked, "MIN_BLOCK_V", 8)
+    monkeypatch.setattr(chunked, "BLOCK_N", 10)
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 10_000)  # single pass: 10 tokens at V=1000
 
 
 def make(n, d, v, dtype=F32, seed=0, scale=1.0):
@@ -127,7 +127,7 @@ def test_value_and_grads_match_oracle(small_blocks, name, reduction):
     [(5000, 512), pytest.param(50257, 4096, marks=pytest.mark.slow), (7, 4096), (513, 512)],
 )
 def test_ragged_vocabularies(monkeypatch, v, block):
-    monkeypatch.setattr(xla, "MAX_BLOCK_V", block)
+    monkeypatch.setattr(chunked, "MAX_BLOCK_V", block)
     n, d = 6, 8
     x, w, y = make(n, d, v, seed=v)
     y = y.at[0].set(v - 1).at[1].set(0).at[2].set(v - block // 3 if v > block else 1)
@@ -227,11 +227,11 @@ def test_target_dots_gathered_in_token_chunks_equal_one_gather(rows):
     # 37 tokens in chunks of 8: four chunks and a fifth clamped onto the fourth's rows.
     x, w, y = make(37, 40, 300, dtype=F64)
     y = y.at[0].set(-100).at[5].set(299)
-    one = xla.target_dots(x, w, y)
+    one = chunked.target_dots(x, w, y)
     z = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
     np.testing.assert_allclose(one, z[np.arange(37), np.clip(np.asarray(y), 0, 299)], rtol=1e-12)
-    chunked = jax.jit(functools.partial(xla.target_dots_chunked, rows=rows))(x, w, y)
-    np.testing.assert_array_equal(chunked, one)
+    blocked = jax.jit(functools.partial(chunked.target_dots_chunked, rows=rows))(x, w, y)
+    np.testing.assert_array_equal(blocked, one)
 
 
 def test_jit_and_vmap():
@@ -264,6 +264,8 @@ def test_errors():
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         lce(x, w, y, label_smoothing=1.5)
     with pytest.raises(ValueError, match="implementation must be one of"):
+        lce(x, w, y, implementation="fast")
+    with pytest.raises(NotImplementedError, match="use implementation='pallas'"):
         lce(x, w, y, implementation="triton")
     with pytest.raises(ValueError, match=r"where has shape \(3,\)"):
         lce(x, w, y, where=jnp.ones(3, bool))
@@ -292,7 +294,7 @@ def _naive(x, w, y):
 
 def test_memory_is_flat_in_vocabulary_and_far_below_naive():
     n, d = 8192, 2048
-    fused = lambda x, w, y: softjax.linear_cross_entropy(x, w, y, implementation="xla")  # noqa: E731
+    fused = lambda x, w, y: softjax.linear_cross_entropy(x, w, y, implementation="chunked")  # noqa: E731
     at_64k = _temp_mib(fused, n, d, 65536)
     at_128k = _temp_mib(fused, n, d, 131072)
     naive = _temp_mib(_naive, n, d, 131072)
@@ -313,16 +315,19 @@ def _sharded_case(v=1000, n=16, d=8):
     return x, w, y, weight, kw
 
 
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
 @pytest.mark.parametrize("with_weight", [False, True])
-def test_vocab_parallel_matches_unsharded(monkeypatch, with_weight):
-    monkeypatch.setattr(xla, "MAX_BLOCK_V", 48)  # 125 classes a device: 3 blocks, ragged
-    monkeypatch.setattr(xla, "MIN_BLOCK_V", 8)
+def test_vocab_parallel_matches_unsharded(monkeypatch, with_weight, impl):
+    monkeypatch.setattr(chunked, "MAX_BLOCK_V", 48)  # 125 classes a device: 3 blocks, ragged
+    monkeypatch.setattr(chunked, "MIN_BLOCK_V", 8)
     x, w, y, weight, kw = _sharded_case()
     weight = weight if with_weight else None
     mesh = Mesh(np.array(jax.devices()[:8]), ("model",))
 
     def local(x, w, y, weight):
-        return softjax.linear_cross_entropy(x, w, y, weight=weight, vocab_axis_name="model", **kw)
+        return softjax.linear_cross_entropy(
+            x, w, y, weight=weight, vocab_axis_name="model", implementation=impl, **kw
+        )
 
     sharded = jax.shard_map(
         local, mesh=mesh, in_specs=(P(), P("model"), P(), P("model")), out_specs=P()
@@ -350,8 +355,8 @@ def test_vocab_parallel_refuses_untyped_or_replicated_w(check_vma, spec):
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_vocab_parallel_with_data_axis(monkeypatch, reduction):
-    monkeypatch.setattr(xla, "MAX_BLOCK_V", 100)  # 250 classes a device
-    monkeypatch.setattr(xla, "MIN_BLOCK_V", 8)
+    monkeypatch.setattr(chunked, "MAX_BLOCK_V", 100)  # 250 classes a device
+    monkeypatch.setattr(chunked, "MIN_BLOCK_V", 8)
     x, w, y, _, kw = _sharded_case()
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     g = jax.random.normal(jax.random.key(4), (x.shape[0],), F32)
@@ -382,7 +387,7 @@ def test_vocab_parallel_with_data_axis(monkeypatch, reduction):
 
 
 # ---------------------------------------------------------------------------------------
-# Pallas kernels: interpret mode on CPU against the xla path, lowering for real targets
+# Pallas kernels: interpret mode on CPU against the chunked path, lowering for real targets
 # (compiled for real chips in tests/test_accel.py)
 
 PALLAS_CASES = [pytest.param("plain", marks=pytest.mark.slow), "all"]
@@ -407,7 +412,7 @@ def test_pallas_interpret_matches_xla(name):
         return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
 
     out, (dx, dw) = run("pallas")
-    ref, (rdx, rdw) = run("xla")
+    ref, (rdx, rdw) = run("chunked")
     np.testing.assert_allclose(out, ref, rtol=4 * tol(F32))
     assert_close(dx, rdx, 4 * tol(F32))
     assert_close(dw, rdw, 4 * tol(F32))
@@ -421,7 +426,7 @@ def test_pallas_interpret_bfloat16():
         return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
 
     out, (dx, dw) = run("pallas")
-    ref, (rdx, rdw) = run("xla")
+    ref, (rdx, rdw) = run("chunked")
     assert dx.dtype == BF16 and dw.dtype == BF16
     np.testing.assert_allclose(out, ref, rtol=4 * tol(F32))
     assert_close(dx, rdx, tol(BF16))
@@ -436,7 +441,7 @@ def _backend_inputs(n, d, v, cap=3.0, seed=13):
     y = y.at[2].set(v - 1)
     cw = jax.random.uniform(jax.random.key(seed + 1), (v,), F32, 0.2, 2.0)
     ok = jnp.arange(n) % 5 != 3
-    st = xla.forward_stats(x, w, cw, cap, block_v=128, smoothing=True)
+    st = chunked.forward_stats(x, w, cw, cap, block_v=128, smoothing=True)
     k = jax.random.split(jax.random.key(seed + 2), 3)
     coefs = _losses.GradCoefs(*(jax.random.normal(kk, (n,), F32) for kk in k))
     shift, log_norm = st.m, jnp.log1p(st.rest + st.rest_c)
@@ -449,7 +454,7 @@ FAMILY_BLOCKS = {"tpu": (8, 128, 16), "gpu": (16, 64, 16)}
 
 @pytest.mark.parametrize("family_name", ["tpu", "gpu"])
 def test_each_kernel_family_serves_the_backend_contract(family_name):
-    """Both families, interpreted, against ``xla.forward_stats``/``xla.backward``."""
+    """Both families, interpreted, against ``chunked.forward_stats``/``chunked.backward``."""
     from softjax._vocab import pallas, pallas_gpu, pallas_tpu
     from softjax._vocab.blocks import BlockSizes
 
@@ -459,12 +464,12 @@ def test_each_kernel_family_serves_the_backend_contract(family_name):
     args = _backend_inputs(n, d, v)
     x, w, y, ok, coefs, shift, log_norm, cw, cap = args
     got = pallas.forward_stats(x, w, cw, cap, smoothing=True, family=family, blocks=blocks)
-    want = xla.forward_stats(x, w, cw, cap, block_v=64, smoothing=True)
+    want = chunked.forward_stats(x, w, cw, cap, block_v=64, smoothing=True)
     lse = lambda st: st.m + jnp.log1p(st.rest + st.rest_c)  # noqa: E731
     np.testing.assert_allclose(lse(got), lse(want), rtol=2 * tol(F32))
     np.testing.assert_allclose(got.d, want.d, rtol=4 * tol(F32))
     dx, dw = pallas.backward(*args, dx_dtype=F32, family=family, blocks=blocks)
-    rdx, rdw = xla.backward(*args, block_v=64, block_n=10)
+    rdx, rdw = chunked.backward(*args, block_v=64, block_n=10)
     assert_close(dx, rdx, 4 * tol(F32))
     assert_close(dw, rdw, 4 * tol(F32))
     # Excluded rows get no gradient at all.

@@ -14,7 +14,7 @@ import pytest
 from conftest import tol
 
 import softjax
-from softjax._vocab import api, xla
+from softjax._vocab import api, chunked
 
 F32, BF16, F64 = jnp.float32, jnp.bfloat16, jnp.float64
 N, D, V = 13, 16, 150
@@ -102,15 +102,15 @@ def _assert_close(a, b, rtol):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Several ragged blocks at the test's sizes, on every path."""
-    monkeypatch.setattr(xla, "MAX_BLOCK_V", 64)  # 150 classes: 3 blocks, the last ragged
-    monkeypatch.setattr(xla, "MIN_BLOCK_V", 8)
-    monkeypatch.setattr(xla, "BLOCK_N", 5)  # 13 tokens: 3 token blocks
-    monkeypatch.setattr(xla, "BLOCK_ELEMENTS", 4 * V)  # single pass: chunks of 4 tokens
+    monkeypatch.setattr(chunked, "MAX_BLOCK_V", 64)  # 150 classes: 3 blocks, the last ragged
+    monkeypatch.setattr(chunked, "MIN_BLOCK_V", 8)
+    monkeypatch.setattr(chunked, "BLOCK_N", 5)  # 13 tokens: 3 token blocks
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 4 * V)  # single pass: chunks of 4 tokens
 
 
-# (implementation, path): "single" and "two-pass" name the xla paths; the single pass serves
+# (implementation, path): "natural" and "two-pass" name the chunked paths; the single pass serves
 # float32/float64 weights with a scalar reduction, so "two-pass" forces the other one there.
-PATHS = [("xla", "natural"), ("xla", "two-pass"), ("pallas", "natural")]
+PATHS = [("chunked", "natural"), ("chunked", "two-pass"), ("pallas", "natural"), ("xla", "natural")]
 GRID = [
     pytest.param(impl, path, dtype, reduction, id=f"{impl}-{path}-{dtype.__name__}-{reduction}")
     for impl, path in PATHS

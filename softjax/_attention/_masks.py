@@ -30,7 +30,6 @@ class Spec(NamedTuple):
 
     causal: bool
     window: tuple[int, int] | None
-    softcap: float | None
     dropout_rate: float
     s_valid: int | None
     num_heads: int  # N, to number heads for the dropout hash
@@ -38,11 +37,13 @@ class Spec(NamedTuple):
 
 
 class Masks(NamedTuple):
-    """The dynamic masking inputs, each None when unused.
+    """The dynamic (traceable, non-differentiable) inputs of masking and scoring, each None
+    when unused.
 
     ``mask``: bool ``[B|1, K|1, T|1, G|1, S|1]``; ``q_segment`` int ``[B, T]``;
     ``kv_segment`` int ``[B, S]``; ``q_length``/``kv_length`` int ``[B]``; ``seed`` uint32
-    ``[2]`` (dropout).
+    ``[2]`` (dropout); ``softcap`` the cap ``c`` of ``c tanh(s / c)``, a scalar in the
+    compute dtype (traced or not, as in the losses).
     """
 
     mask: jax.Array | None = None
@@ -51,6 +52,7 @@ class Masks(NamedTuple):
     q_length: jax.Array | None = None
     kv_length: jax.Array | None = None
     seed: jax.Array | None = None
+    softcap: jax.Array | None = None
 
 
 def structural_bounds(spec: Spec, t0, tq: int, s0, sk: int):
@@ -144,7 +146,7 @@ def dropout_keep(spec: Spec, seed: jax.Array, shape, t0, s0) -> jax.Array:
     return bits >= u32(threshold)
 
 
-def scores(spec: Spec, q: jax.Array, k: jax.Array, bias_block) -> jax.Array:
+def scores(q: jax.Array, k: jax.Array, bias_block, cap) -> jax.Array:
     """``softcap(q . k) + bias`` for ``q`` [B, K, tq, G, H] (already scaled), ``k`` [B, K, sk, H].
 
     Returns ``[B, K, tq, G, sk]`` in the compute dtype.
@@ -152,14 +154,10 @@ def scores(spec: Spec, q: jax.Array, k: jax.Array, bias_block) -> jax.Array:
     b_, k_, tq, g_, h = q.shape
     sk = k.shape[2]
     # A plain batched matmul on [B*K, tq*G, H]: the 5-d einsum is much slower on CPU.
-    s = lax.dot_general(
-        q.reshape(b_ * k_, tq * g_, h),
-        k.reshape(b_ * k_, sk, h),
-        (((2,), (2,)), ((0,), (0,))),
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=q.dtype,
+    s = nx.dot(
+        q.reshape(b_ * k_, tq * g_, h), k.reshape(b_ * k_, sk, h), (2, 2), q.dtype, (0, 0)
     ).reshape(b_, k_, tq, g_, sk)
-    s = nx.softcap(s, spec.softcap)
+    s = nx.softcap(s, cap)
     if bias_block is not None:
         s = s + bias_block
     return s

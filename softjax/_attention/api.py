@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from .. import _checks
+from .. import _checks, _dispatch
 from .. import _numerics as nx
 from . import chunked, reference
 from ._masks import Masks, Spec
-
-Implementation = Literal["xla", "chunked"]
-IMPLEMENTATIONS = ("xla", "chunked")
 
 # Below this many query x key pairs per head the materialising path is faster on CPU (and its
 # memory, T x S floats per head, is small). Measured with ``python -m bench --only attention``
@@ -40,12 +36,7 @@ def _broadcastable(x, name: str, target: tuple, kind: str):
         raise TypeError(f"{name} must be a boolean array (True = attend), got dtype {x.dtype}")
     if kind == "float" and not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-    if x.ndim > 4 or any(
-        d not in (1, t) for d, t in zip((1,) * (4 - x.ndim) + x.shape, target, strict=True)
-    ):
-        raise ValueError(
-            f"{name} has shape {x.shape}, which does not broadcast to [B, N, T, S] = {target}"
-        )
+    _checks.broadcasts_to(x.shape, target, name, f"[B, N, T, S] = {target}")
     return x.reshape((1,) * (4 - x.ndim) + x.shape)
 
 
@@ -105,21 +96,80 @@ def _segments(segment_ids, batch: int, t_len: int, s_len: int):
     return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
 
-def _pick(implementation, t_len: int, s_len: int) -> str:
-    if implementation is None:
-        if jax.default_backend() == "cpu" and t_len * s_len < CPU_CROSSOVER:
-            return "xla"
-        return "chunked"
-    if implementation in IMPLEMENTATIONS:
-        return implementation
-    if implementation in ("pallas", "cudnn"):
-        raise NotImplementedError(
-            f"implementation={implementation!r} is not available in softjax; "
-            f"choose from {IMPLEMENTATIONS} or None"
+def _materialized(spec, q, k, v, bias, masks, *, block_q, block_k):
+    del block_q, block_k
+    return reference.attention(spec, q, k, v, bias, masks)
+
+
+def _streamed(spec, q, k, v, bias, masks, *, block_q, block_k):
+    return chunked.attention(spec, q, k, v, bias, masks, block_q=block_q, block_k=block_k)
+
+
+def _preference(call: _dispatch.Call) -> tuple[str, ...]:
+    t_len, s_len = call.shapes["query"][1], call.shapes["key"][1]
+    if t_len == 0 or s_len == 0:
+        return ("xla",)  # nothing to stream: no query, or nothing to attend to (output 0)
+    if call.platform == "cpu" and t_len * s_len < CPU_CROSSOVER:
+        return ("xla", "chunked")
+    return ("chunked", "xla")
+
+
+REGISTRY = _dispatch.Registry("dot_product_attention", _preference)
+REGISTRY.register("xla", _materialized)
+REGISTRY.register("chunked", _streamed)
+
+
+def _qkv(query, key, value):
+    """``query``, ``key``, ``value`` checked, at rank 4 (a leading batch of 1 added when
+    unbatched), and whether they were unbatched."""
+    query = _checks.floating(query, "query")
+    unbatched = query.ndim == 3
+    if unbatched:
+        # bias and mask ([N, T, S] or any rank <= 4) broadcast from the right as they are.
+        query, key, value = (jnp.asarray(x)[None] for x in (query, key, value))
+    query, key, value = _rank4(query, "query"), _rank4(key, "key"), _rank4(value, "value")
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(
+            "query, key and value must have the same dtype, got "
+            f"{query.dtype}, {key.dtype} and {value.dtype}"
         )
-    raise ValueError(
-        f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
-    )
+    if key.shape != value.shape:
+        raise ValueError(
+            f"key and value must have the same shape, got {key.shape} and {value.shape}"
+        )
+    (b_, _, n_, h), (kb, _, k_, hk) = query.shape, key.shape
+    if kb != b_:
+        raise ValueError(
+            f"key has batch {kb} but query has batch {b_} (shapes {key.shape}, {query.shape})"
+        )
+    if hk != h:
+        raise ValueError(f"key has head dim {hk} but query has head dim {h}")
+    if n_ % k_:
+        raise ValueError(f"query has {n_} heads, which is not a multiple of key/value's {k_} heads")
+    return query, key, value, unbatched
+
+
+def _dropout_seed(dropout_rate, dropout_rng):
+    """The checked rate and the ``[2]`` uint32 seed of the dropout hash (None without)."""
+    dropout_rate = _checks.number(dropout_rate, "dropout_rate")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
+    if dropout_rate == 0:
+        return 0.0, None
+    if dropout_rng is None:
+        raise ValueError("dropout_rate > 0 needs a dropout_rng (a PRNG key), got None")
+    return float(dropout_rate), jax.random.bits(dropout_rng, (2,), jnp.uint32)
+
+
+def _blocks(block_q, block_k, t_len: int) -> tuple[int, int]:
+    if block_q is None:
+        block_q = chunked.default_block_q(t_len)
+    block_q = _checks.number(block_q, "block_q", integral=True)
+    block_k = _checks.number(block_k, "block_k", integral=True)
+    for name, x in (("block_q", block_q), ("block_k", block_k)):
+        if x < 8 or x % 8:
+            raise ValueError(f"{name} must be a positive multiple of 8, got {x!r}")
+    return block_q, block_k
 
 
 def dot_product_attention(
@@ -139,7 +189,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng=None,
     return_lse: bool = False,
-    implementation: Implementation | None = None,
+    implementation: _dispatch.Name | None = None,
     block_q: int | None = None,
     block_k: int = 256,
 ):
@@ -175,7 +225,8 @@ def dot_product_attention(
       segment_ids: int ``[B, T]`` (self-attention) or a pair (``[B, T]``, ``[B, S]``): tokens
         attend only within their segment (sequence packing).
       logit_softcap: ``c > 0`` applies ``c tanh(x / c)`` to the scaled scores (before the
-        bias).
+        bias); a number or a traced scalar (as in the losses), a constant for
+        differentiation; ``+inf`` is no cap.
       dropout_rate: probability of dropping each attention weight (the kept ones are scaled
         by ``1 / (1 - rate)``); the mask is a hash of ``(dropout_rng, b, n, t, s)``,
         regenerated block by block and never stored. lse is that of the undropped weights.
@@ -212,60 +263,27 @@ def dot_product_attention(
       >>> softjax.dot_product_attention(q, k, v, is_causal=True).shape
       (1, 4, 2, 8)
     """
-    query = _checks.floating(query, "query")
-    unbatched = query.ndim == 3
-    if unbatched:
-        # bias and mask ([N, T, S] or any rank <= 4) broadcast from the right as they are.
-        query, key, value = (jnp.asarray(x)[None] for x in (query, key, value))
-    query, key, value = _rank4(query, "query"), _rank4(key, "key"), _rank4(value, "value")
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(
-            "query, key and value must have the same dtype, got "
-            f"{query.dtype}, {key.dtype} and {value.dtype}"
-        )
-    b_, t_len, n_, h = query.shape
-    if key.shape != value.shape:
-        raise ValueError(
-            f"key and value must have the same shape, got {key.shape} and {value.shape}"
-        )
-    kb, s_len, k_, hk = key.shape
-    if kb != b_:
-        raise ValueError(
-            f"key has batch {kb} but query has batch {b_} (shapes {key.shape}, {query.shape})"
-        )
-    if hk != h:
-        raise ValueError(f"key has head dim {hk} but query has head dim {h}")
-    if n_ % k_:
-        raise ValueError(f"query has {n_} heads, which is not a multiple of key/value's {k_} heads")
+    query, key, value, unbatched = _qkv(query, key, value)
+    (b_, t_len, n_, h), (_, s_len, k_, _) = query.shape, key.shape
     g_ = n_ // k_
     target = (b_, n_, t_len, s_len)
     bias = _broadcastable(bias, "bias", target, "float")
     mask = _broadcastable(mask, "mask", target, "bool")
     if scale is None:
         scale = 1.0 / float(np.sqrt(h))
-    logit_softcap = _checks.softcap(logit_softcap)
-    if logit_softcap is not None:
-        logit_softcap = _checks.number(logit_softcap, "logit_softcap")  # static: in the Spec
-    dropout_rate = _checks.number(dropout_rate, "dropout_rate")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
-    seed = None
-    if dropout_rate > 0:
-        if dropout_rng is None:
-            raise ValueError("dropout_rate > 0 needs a dropout_rng (a PRNG key), got None")
-        seed = jax.random.bits(dropout_rng, (2,), jnp.uint32)
+    logit_softcap = _checks.softcap(logit_softcap)  # traced or not, as in the losses
+    dropout_rate, seed = _dropout_seed(dropout_rate, dropout_rng)
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
-    if block_q is None:
-        block_q = chunked.default_block_q(t_len)
-    block_q = _checks.number(block_q, "block_q", integral=True)
-    block_k = _checks.number(block_k, "block_k", integral=True)
-    for name, x in (("block_q", block_q), ("block_k", block_k)):
-        if x < 8 or x % 8:
-            raise ValueError(f"{name} must be a positive multiple of 8, got {x!r}")
-    which = _pick(implementation, t_len, s_len)
+    block_q, block_k = _blocks(block_q, block_k, t_len)
+    call = _dispatch.Call(
+        shapes={"query": query.shape, "key": key.shape},
+        dtypes={"query": query.dtype},
+        options={"dropout_rate": dropout_rate},
+    )
+    impl = REGISTRY.select(implementation, call)
     if t_len == 0 or s_len == 0:
-        which = "xla"  # nothing to stream: no query, or nothing to attend to (output 0)
+        impl = REGISTRY.select("xla", call)  # nothing to stream (output 0), whatever was named
     q_seg, kv_seg = _segments(segment_ids, b_, t_len, s_len)
 
     cdt = nx.compute_dtype(query.dtype)
@@ -277,7 +295,6 @@ def dot_product_attention(
     spec = Spec(
         causal=bool(is_causal),
         window=_window(local_window_size),
-        softcap=logit_softcap,
         dropout_rate=float(dropout_rate),
         s_valid=None,
         num_heads=n_,
@@ -290,12 +307,12 @@ def dot_product_attention(
         q_length=_lengths(query_seq_lengths, "query_seq_lengths", b_),
         kv_length=_lengths(key_value_seq_lengths, "key_value_seq_lengths", b_),
         seed=seed,
+        softcap=None
+        if logit_softcap is None
+        else lax.stop_gradient(jnp.asarray(logit_softcap, cdt)),
     )
     bias = None if bias is None else _to_groups(bias.astype(cdt), k_, g_)
-    if which == "xla":
-        out, lse = reference.attention(spec, q, k, v, bias, masks)
-    else:
-        out, lse = chunked.attention(spec, q, k, v, bias, masks, block_q=block_q, block_k=block_k)
+    out, lse = impl.fn(spec, q, k, v, bias, masks, block_q=block_q, block_k=block_k)
     out = out.transpose(0, 2, 1, 3, 4).reshape(b_, t_len, n_, h).astype(query.dtype)
     lse = lse.transpose(0, 2, 1, 3).reshape(b_, t_len, n_)
     if unbatched:

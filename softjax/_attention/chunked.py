@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .. import _numerics as nx
 from ._masks import (
     Masks,
     Spec,
@@ -102,14 +103,8 @@ def make_plan(spec: Spec, t_pad: int, s_pad: int, bq: int, bk: int, dynamic: boo
 
 
 def _dot(a, b, contract):
-    """Batched matmul over the leading axis with float32-or-better accumulation."""
-    return lax.dot_general(
-        a,
-        b,
-        (contract, ((0,), (0,))),
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=a.dtype,
-    )
+    """Batched matmul over the leading axis, accumulated in the operands' (compute) dtype."""
+    return nx.dot(a, b, contract, a.dtype, batch=(0, 0))
 
 
 def _slice(x, start, size: int, axis: int):
@@ -155,14 +150,14 @@ def _forward(plan: Plan, q, k, v, bias, masks: Masks):
                 s0 = j * bk
                 kb = lax.dynamic_slice_in_dim(k, s0, bk, axis=2)
                 vb = lax.dynamic_slice_in_dim(v, s0, bk, axis=2)
-                s = scores(spec, qb, kb, _slice(bias_rows, s0, bk, 4))
+                s = scores(qb, kb, _slice(bias_rows, s0, bk, 4), masks.softcap)
                 if masked:
                     ok = block_mask(spec, masks, t0, bq, s0, bk)
                     if ok is not None:
                         s = jnp.where(ok, s, -jnp.inf)
                 m_new = jnp.maximum(m, jnp.max(s, axis=-1))
                 # Rows with nothing seen yet keep m = -inf; shift them by 0, never -inf - -inf.
-                shift = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
+                shift = nx.empty_row_shift(m_new)
                 p = jnp.exp(s - shift[..., None])
                 alpha = jnp.exp(m - shift)
                 total = total * alpha + jnp.sum(p, axis=-1)
@@ -248,11 +243,7 @@ def _backward(plan: Plan, q, k, v, bias, masks: Masks, out, lse, d_out, d_lse):
                 # which run about twice as fast on CPU as ones contracting a leading axis.
                 raw = _dot(kb.reshape(bkg, bk, h), qb.reshape(bkg, bq * g_, h), ((2,), (2,)))
                 raw = raw.reshape(b_, k_, bk, bq, g_)
-                if spec.softcap is not None:
-                    th = jnp.tanh(raw / spec.softcap)
-                    s = spec.softcap * th
-                else:
-                    s = raw
+                s = nx.softcap(raw, masks.softcap)
                 bias_b = _slice(bias_cols, t0, bq, 2)
                 if bias_b is not None:
                     s = s + _t(bias_b)
@@ -286,8 +277,7 @@ def _backward(plan: Plan, q, k, v, bias, masks: Masks, out, lse, d_out, d_lse):
                     )
                     old = lax.dynamic_slice(dbias, at, contrib.shape)
                     dbias = lax.dynamic_update_slice(dbias, old + contrib, at)
-                if spec.softcap is not None:
-                    ds = ds * (1.0 - th * th)
+                ds = nx.softcap_grad(raw, masks.softcap, ds)
                 ds = ds.reshape(bkg, bk, bq * g_)
                 dk = dk + _dot(ds, qb.reshape(bkg, bq * g_, h), ((2,), (1,))).reshape(dk.shape)
                 dq_b = _dot(ds, kb.reshape(bkg, bk, h), ((1,), (1,))).reshape(qb.shape)

@@ -31,7 +31,7 @@ def attention(spec: Spec, q, k, v, bias, masks: Masks) -> tuple[jax.Array, jax.A
     """
     b_, k_, t_, g_, h = q.shape
     s_len = k.shape[2]
-    s = scores(spec, q, k, bias)
+    s = scores(q, k, bias, masks.softcap)
     ok = block_mask(spec, masks, 0, t_, 0, s_len)
     # Masked scores become the lowest finite number, not -inf, and exp never sees them:
     # nothing here makes an infinity that the inputs do not hold (jax.debug_infs stays quiet).
@@ -39,19 +39,15 @@ def attention(spec: Spec, q, k, v, bias, masks: Masks) -> tuple[jax.Array, jax.A
     masked = s if ok is None else jnp.where(ok, s, lowest)
     row_max = lax.stop_gradient(nx.row_max(masked, (4,)))
     # An empty row (nothing attended, -inf scores, or S = 0) is shifted by 0, never by -inf.
-    shift = jnp.where(jnp.isfinite(row_max), row_max, jnp.zeros_like(row_max))
+    shift = nx.empty_row_shift(row_max)
     z = s - shift
     p = jnp.exp(z if ok is None else jnp.where(ok, z, lowest))
     total = jnp.sum(p, axis=-1, keepdims=True)
     if spec.dropout_rate > 0:
         keep = dropout_keep(spec, masks.seed, s.shape, 0, 0)
         p = jnp.where(keep, p, jnp.zeros_like(p)) / (1.0 - spec.dropout_rate)
-    acc = lax.dot_general(
-        p.reshape(b_ * k_, t_ * g_, s_len),
-        v.reshape(b_ * k_, s_len, h),
-        (((2,), (1,)), ((0,), (0,))),
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=q.dtype,
+    acc = nx.dot(
+        p.reshape(b_ * k_, t_ * g_, s_len), v.reshape(b_ * k_, s_len, h), (2, 1), q.dtype, (0, 0)
     ).reshape(b_, k_, t_, g_, h)
     out = nx.safe_divide(acc, total)
     return out, nx.log_or_neg_inf(total, shift)[..., 0]

@@ -1,7 +1,10 @@
 """``linear_cross_entropy``: validation, dispatch and the custom VJP shared by all backends.
 
-The per-row maths is that of :func:`softjax.cross_entropy` (``softjax._losses``), split
-across vocabulary blocks. A backend (``xla.py``, ``pallas.py``) supplies two functions:
+Three implementations (``softjax._dispatch``): ``"xla"`` materialises the logits and calls
+the loss of :func:`softjax.cross_entropy`; ``"chunked"`` (``chunked.py``) and ``"pallas"``
+(``pallas.py``) stream over vocabulary blocks. The per-row maths is that of
+:func:`softjax.cross_entropy` (``softjax._losses``), split across vocabulary blocks. A
+streaming backend supplies two functions (a :class:`Streaming` pair):
 
 * ``forward_stats(x, w, class_weight, cap, ...)`` -> per-row running max ``m``,
   ``rest = sum_c exp(z_c - m) - 1`` and ``d = sum_c w_c (m - z_c)`` over its ``w``;
@@ -10,15 +13,15 @@ across vocabulary blocks. A backend (``xla.py``, ``pallas.py``) supplies two fun
 
 Everything else (the target logit, the vocab-parallel merge, the per-row loss and its
 gradient coefficients) is written once here. A second custom VJP, for scalar reductions
-with float32 weights, differentiates by ``xla.single_pass`` (loss and gradients together).
+with float32 weights, differentiates by ``chunked.single_pass`` (loss and gradients together).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,34 +29,51 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from .. import _checks, _losses
+from .. import _checks, _dispatch, _losses, _sharding
 from .. import _numerics as nx
-from . import pallas, xla
+from .._sharding import psum as _psum
+from . import chunked, pallas
 
-IMPLEMENTATIONS = ("xla", "pallas")
+
+class Streaming(NamedTuple):
+    """A streaming backend: ``forward_stats(cfg, x, w, class_weight, cap) -> Stats`` and
+    ``backward(cfg, *args) -> (dx, dw)`` (the contract in the module docstring)."""
+
+    forward_stats: Callable
+    backward: Callable
 
 
 class Config(NamedTuple):
     """Static choices of one call (hashable: it is a ``nondiff_argnums`` argument)."""
 
-    implementation: str
+    stream: Streaming | None  # the streaming backend (None for "xla")
     axis_name: object  # mesh axis the vocabulary is sharded over, or None
     num_classes: int  # the full vocabulary V (all shards)
     block_v: int
     smoothing: bool  # accumulate the smoothing sum (False when label_smoothing is a literal 0)
 
 
-def _forward_stats(cfg: Config, x, w, class_weight, cap) -> xla.Stats:
-    if cfg.implementation == "pallas":
-        return pallas.forward_stats(x, w, class_weight, cap, smoothing=cfg.smoothing)
-    return xla.forward_stats(x, w, class_weight, cap, block_v=cfg.block_v, smoothing=cfg.smoothing)
+def _chunked_stats(cfg: Config, x, w, class_weight, cap) -> chunked.Stats:
+    return chunked.forward_stats(
+        x, w, class_weight, cap, block_v=cfg.block_v, smoothing=cfg.smoothing
+    )
 
 
-def _backward(cfg: Config, *args):
-    if cfg.implementation == "pallas":
-        # Vocabulary shards sum their partial dx: keep it in float32 until then.
-        return pallas.backward(*args, dx_dtype=None if cfg.axis_name is None else jnp.float32)
-    return xla.backward(*args, block_v=cfg.block_v)
+def _chunked_backward(cfg: Config, *args):
+    return chunked.backward(*args, block_v=cfg.block_v)
+
+
+def _pallas_stats(cfg: Config, x, w, class_weight, cap) -> chunked.Stats:
+    return pallas.forward_stats(x, w, class_weight, cap, smoothing=cfg.smoothing)
+
+
+def _pallas_backward(cfg: Config, *args):
+    # Vocabulary shards sum their partial dx: keep it in float32 until then.
+    return pallas.backward(*args, dx_dtype=None if cfg.axis_name is None else jnp.float32)
+
+
+CHUNKED = Streaming(_chunked_stats, _chunked_backward)
+PALLAS = Streaming(_pallas_stats, _pallas_backward)
 
 
 class Merged(NamedTuple):
@@ -64,11 +84,7 @@ class Merged(NamedTuple):
     d: jax.Array  # sum_c w_c (m - z_c)
 
 
-def _psum(a, axis):
-    return a if axis is None else lax.psum(a, axis)
-
-
-def _merge_shards(st: xla.Stats, w_local, axis) -> Merged:
+def _merge_shards(st: chunked.Stats, w_local, axis) -> Merged:
     """Combines the per-shard statistics with ``pmax``/``psum`` (identity unsharded).
 
     The shards at the global maximum contribute their ``rest`` as is (plus 1 for every such
@@ -80,7 +96,7 @@ def _merge_shards(st: xla.Stats, w_local, axis) -> Merged:
         return Merged(st.m, jnp.log1p(rest), st.d)
     m = lax.pmax(st.m, axis)
     at_max = st.m == m
-    shift = jnp.where(m == -jnp.inf, 0.0, m)
+    shift = nx.empty_row_shift(m)
     contrib = jnp.where(at_max, rest, (1 + rest) * jnp.exp(st.m - shift))
     count = lax.psum(at_max.astype(rest.dtype), axis)
     total = lax.psum(contrib, axis) + jnp.maximum(count - 1, 0.0)
@@ -125,11 +141,11 @@ def row_losses(x, w, labels, valid, class_weight, opts: _losses.Options, cfg: Co
 def _row_losses_fwd(x, w, labels, valid, class_weight, opts, cfg: Config):
     dtype = nx.compute_dtype(x.dtype)
     v_local, axis = w.shape[0], cfg.axis_name
-    st = _forward_stats(cfg, x, w, class_weight, opts.softcap)
+    st = cfg.stream.forward_stats(cfg, x, w, class_weight, opts.softcap)
     w_local, w_sum = _class_weight_sum(class_weight, v_local, axis, dtype)
     merged = _merge_shards(st, w_local, axis)
     local, here = _local_labels(labels, v_local, axis)
-    z_y = xla.target_logits(x, w, local, opts.softcap)
+    z_y = chunked.target_logits(x, w, local, opts.softcap)
     z_y = z_y if axis is None else lax.psum(jnp.where(here, z_y, 0.0), axis)
     terms = _terms(labels, valid, class_weight, opts, cfg, v_local, dtype)
     n_y = (merged.m - z_y) + merged.log_norm
@@ -146,20 +162,15 @@ def _row_losses_bwd(cfg: Config, res, g):
     terms = _terms(labels, valid, class_weight, opts, cfg, v_local, dtype)
     _, w_sum = _class_weight_sum(class_weight, v_local, axis, dtype)
     coefs = _losses.grad_coefs(terms, w_sum, m + log_norm, g.astype(dtype))
-    shift = jnp.where(m == -jnp.inf, 0.0, m)
+    shift = nx.empty_row_shift(m)
     local, _ = _local_labels(labels, v_local, axis)
-    dx, dw = _backward(cfg, x, w, local, valid, coefs, shift, log_norm, class_weight, opts.softcap)
+    args = (x, w, local, valid, coefs, shift, log_norm, class_weight, opts.softcap)
+    dx, dw = cfg.stream.backward(cfg, *args)
     # Each vocabulary shard holds the part of dx from its classes, each token shard the part
     # of dw from its tokens: sum over the mesh axes the primal does not vary over.
-    dx, dw = _sum_to_type(dx, x), _sum_to_type(dw, w)
+    dx, dw = _sharding.sum_to_type(dx, x), _sharding.sum_to_type(dw, w)
     zeros = None if class_weight is None else jnp.zeros_like(class_weight)
     return dx.astype(x.dtype), dw, None, None, zeros, jax.tree.map(jnp.zeros_like, opts)
-
-
-def _sum_to_type(ct, primal):
-    """``psum`` of a cotangent over the mesh axes it varies over and its primal does not."""
-    extra = tuple(sorted(xla._varying_axes(ct) - xla._varying_axes(primal), key=str))
-    return lax.psum(ct, extra) if extra else ct
 
 
 row_losses.defvjp(_row_losses_fwd, _row_losses_bwd)
@@ -173,13 +184,13 @@ row_losses.defvjp(_row_losses_fwd, _row_losses_bwd)
 def reduced_loss(x, w, labels, valid, class_weight, opts, cfg: Config, reduction: str):
     """``reduce(row_losses(...))`` for "mean"/"sum"; differentiated in a single pass."""
     losses = row_losses(x, w, labels, valid, class_weight, opts, cfg)
-    return _reduce(losses, labels, valid, class_weight, cfg, reduction, x.dtype)[0]
+    return _reduce(losses, labels, valid, class_weight, cfg, reduction, w.shape[0])[0]
 
 
-def _reduce(losses, labels, valid, class_weight, cfg, reduction, x_dtype):
+def _reduce(losses, labels, valid, class_weight, cfg, reduction, v_local):
     """The reduced loss and the factor it applies to the rows (1, or 1 / the denominator)."""
-    dtype = nx.compute_dtype(x_dtype)
-    lw = label_weights(class_weight, labels, cfg.num_classes, None, dtype)
+    dtype = losses.dtype
+    lw = label_weights(class_weight, labels, v_local, cfg.axis_name, dtype)
     den = jnp.sum(jnp.where(valid, lw, 0.0))
     out = _losses.reduce_losses(losses, den, reduction)
     one = jnp.ones((), dtype)
@@ -189,11 +200,11 @@ def _reduce(losses, labels, valid, class_weight, cfg, reduction, x_dtype):
 def _reduced_loss_fwd(x, w, labels, valid, class_weight, opts, cfg, reduction):
     dtype = nx.compute_dtype(x.dtype)
     terms = _terms(labels, valid, class_weight, opts, cfg, w.shape[0], dtype)
-    block = xla.default_single_pass_block(x.shape[0], w.shape[0])
-    losses, dx, dw = xla.single_pass(
+    block = chunked.default_single_pass_block(x.shape[0], w.shape[0])
+    losses, dx, dw = chunked.single_pass(
         x, w, labels, valid, terms, class_weight, opts.softcap, block_n=block
     )
-    out, scale = _reduce(losses, labels, valid, class_weight, cfg, reduction, x.dtype)
+    out, scale = _reduce(losses, labels, valid, class_weight, cfg, reduction, w.shape[0])
     return out, (dx, dw, scale, class_weight, opts)
 
 
@@ -214,21 +225,67 @@ def _reduced_loss_bwd(cfg, reduction, res, g):
 reduced_loss.defvjp(_reduced_loss_fwd, _reduced_loss_bwd)
 
 
+# ---------------------------------------------------------------------------------------
+# The implementations: each takes the flattened operands (x [N, D], w [V, D], labels and
+# valid [N]) and returns the reduced loss, or the per-row losses [N] for "none".
+
+
+def _materialized(x, w, labels, valid, class_weight, opts, cfg: Config, reduction):
+    """``"xla"``: the ``[N, V]`` logits in float32, then :func:`softjax.cross_entropy`'s loss
+    (with ``vocab_axis_name``, ``w`` and the class weights are gathered first)."""
+    if cfg.axis_name is not None:
+        w = lax.all_gather(w, cfg.axis_name, tiled=True)
+        if class_weight is not None:
+            class_weight = lax.all_gather(class_weight, cfg.axis_name, tiled=True)
+    logits = nx.dot(x, w, (1, 1), nx.compute_dtype(x.dtype))
+    losses = _losses.int_label_losses(logits, labels, valid, class_weight, opts, cfg.smoothing)
+    whole = cfg._replace(axis_name=None)
+    out = _reduce(losses, labels, valid, class_weight, whole, reduction, w.shape[0])[0]
+    if cfg.axis_name is None:
+        return out
+    # Every device computed the same loss from the gathered w, typed as varying over the
+    # axis: their mean is that loss, invariant, and its gradient sums the devices' shares.
+    return lax.psum(out, cfg.axis_name) / lax.axis_size(cfg.axis_name)
+
+
 def _single_pass_applies(cfg: Config, reduction: str, dtype) -> bool:
-    """float32/float64 weights (dw accumulates in its own dtype), unsharded, xla."""
-    return (
-        cfg.implementation == "xla"
-        and cfg.axis_name is None
-        and reduction != "none"
-        and np.dtype(dtype).itemsize >= 4
-    )
+    """float32/float64 weights (dw accumulates in its own dtype), unsharded."""
+    return cfg.axis_name is None and reduction != "none" and np.dtype(dtype).itemsize >= 4
 
 
-def _default_implementation() -> str:
+def _chunked(x, w, labels, valid, class_weight, opts, cfg: Config, reduction):
+    """``"chunked"``: vocabulary blocks in a ``fori_loop``; for scalar reductions of float32
+    weights, one pass over token chunks computing the loss and both gradients."""
+    cfg = cfg._replace(stream=CHUNKED)
+    if _single_pass_applies(cfg, reduction, w.dtype):
+        return reduced_loss(x, w, labels, valid, class_weight, opts, cfg, reduction)
+    losses = row_losses(x, w, labels, valid, class_weight, opts, cfg)
+    return _reduce(losses, labels, valid, class_weight, cfg, reduction, w.shape[0])[0]
+
+
+def _pallas(x, w, labels, valid, class_weight, opts, cfg: Config, reduction):
+    """``"pallas"``: the kernels of ``pallas.py``, one family per platform."""
+    losses = row_losses(x, w, labels, valid, class_weight, opts, cfg._replace(stream=PALLAS))
+    return _reduce(losses, labels, valid, class_weight, cfg, reduction, w.shape[0])[0]
+
+
+def _pallas_unsupported(call: _dispatch.Call) -> str | None:
+    return pallas.unsupported(call.dtypes["w"], call.shapes["w"][0])
+
+
+def _preference(call: _dispatch.Call) -> tuple[str, ...]:
     # The Pallas kernels are verified in interpret mode and compiled (deviceless) for an
     # H200 and TPU v5e/v6e/v5p, but have not run on a chip yet; until they have
     # (python -m bench.device_check), the streaming XLA path is the default everywhere.
-    return "xla"
+    # "xla" is never the default: its [N, V] logits are what this op exists to avoid.
+    del call
+    return ("chunked",)
+
+
+REGISTRY = _dispatch.Registry("linear_cross_entropy", _preference)
+REGISTRY.register("xla", _materialized)
+REGISTRY.register("chunked", _chunked)
+REGISTRY.register("pallas", _pallas, _pallas_unsupported)
 
 
 def linear_cross_entropy(
@@ -236,15 +293,15 @@ def linear_cross_entropy(
     w: ArrayLike,
     labels: ArrayLike,
     *,
+    weight: ArrayLike | None = None,
     ignore_index: int | None = None,
     where: ArrayLike | None = None,
-    weight: ArrayLike | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     reduction: _losses.Reduction = "mean",
     vocab_axis_name: Hashable | None = None,
-    implementation: Literal["xla", "pallas"] | None = None,
+    implementation: _dispatch.Name | None = None,
 ) -> jax.Array:
     """Cross-entropy of the logits ``x @ w.T`` without ever materialising them.
 
@@ -267,9 +324,9 @@ def linear_cross_entropy(
       w: output embedding ``[V, D]`` (tied-embedding layout; a Flax ``Dense`` kernel is
         ``w.T``). With ``vocab_axis_name``, this device's shard ``[V / P, D]``.
       labels: integer ``[...]`` (``x``'s shape without ``D``), global class indices.
+      weight: optional ``[V]`` class weights (with ``vocab_axis_name``: sharded like ``w``).
       ignore_index: labels equal to it are excluded (loss 0, no gradient).
       where: optional boolean broadcastable to ``labels``' shape; False excludes.
-      weight: optional ``[V]`` class weights (with ``vocab_axis_name``: sharded like ``w``).
       label_smoothing: ``a`` in [0, 1], as PyTorch.
       z_loss: coefficient of ``lse**2`` per valid token (PaLM).
       logit_softcap: ``c`` applies ``c * tanh(z / c)`` to the logits first (Gemma 2).
@@ -277,10 +334,14 @@ def linear_cross_entropy(
       vocab_axis_name: the ``shard_map`` mesh axis ``w`` is sharded over along ``V``; the
         per-device max, sum and target logit are combined with ``pmax``/``psum``, ``w`` and
         the logits are never gathered.
-      implementation: "xla" (streaming ``lax.fori_loop``, any backend), "pallas" (Pallas
-        kernels: Mosaic on TPU, Triton on GPU, chosen when lowering, so a function compiled
-        or exported for another platform holds that platform's kernel; interpreted on CPU,
-        slow, for tests) or None ("xla" for now, on every platform).
+      implementation: "chunked" (streaming ``lax.fori_loop``, any backend), "pallas"
+        (Pallas kernels: Mosaic on TPU, Triton on GPU, chosen when lowering, so a function
+        compiled or exported for another platform holds that platform's kernel; interpreted
+        on CPU, slow, for tests), "xla" (materialises the ``[N, V]`` float32 logits, then
+        exactly :func:`softjax.cross_entropy`: small vocabularies, references) or None
+        ("chunked" for now, on every platform). The names mean the same in every op
+        (``softjax._dispatch``); "pallas" raises ``NotImplementedError`` for float64 and for
+        ``2**24`` classes or more per call.
 
     Returns:
       float32 (float64 for float64 inputs): a scalar, or ``labels``' shape for "none".
@@ -293,7 +354,7 @@ def linear_cross_entropy(
     no forward-mode counterpart: ``jvp``/``jacfwd`` raise JAX's "can't apply forward-mode
     autodiff (jvp) to a custom_vjp function". ``weight`` and the options are constants.
 
-    Memory and speed (xla path): with bf16/f16 weights, or reduction "none", or
+    Memory and speed (chunked path): with bf16/f16 weights, or reduction "none", or
     ``vocab_axis_name``, temporary memory is flat in ``V`` (logits blocks of a fixed size
     plus ``dx`` in float32) at the cost of one extra matmul (the backward recomputes the
     logits). With float32/float64 weights and "mean"/"sum", differentiation runs one pass
@@ -319,15 +380,11 @@ def linear_cross_entropy(
         )
     if w.shape[0] == 0:
         raise ValueError(f"w must have at least one class (row), got shape {w.shape}")
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
-        )
     mm_dtype = jnp.promote_types(x.dtype, w.dtype)
     dtype = nx.compute_dtype(mm_dtype)
-    opts = _losses.check_loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
+    opts = _losses.loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
     batch_shape = x.shape[:-1]
-    labels = _losses.check_int_labels(
+    labels = _checks.int_labels(
         labels, batch_shape, f"x {x.shape} without its last axis", "linear_cross_entropy"
     )
     v_local = w.shape[0]
@@ -342,8 +399,8 @@ def linear_cross_entropy(
 
     if (
         vocab_axis_name is not None
-        and xla._tracks_varying_axes(w)
-        and vocab_axis_name not in xla._varying_axes(w)
+        and _sharding.tracks_varying_axes(w)
+        and vocab_axis_name not in _sharding.varying_axes(w)
     ):
         # Without the varying-axes types, shard_map cannot tell which cotangents to sum over
         # the mesh: the gradients would be silently wrong. Refuse instead.
@@ -351,26 +408,23 @@ def linear_cross_entropy(
             f"vocab_axis_name={vocab_axis_name!r} needs w sharded over that mesh axis inside "
             "jax.shard_map with check_vma=True (the default); w does not vary over it here"
         )
-    impl = implementation or _default_implementation()
+    call = _dispatch.Call(
+        shapes={"x": x.shape, "w": w.shape},
+        dtypes={"x": x.dtype, "w": mm_dtype},
+        options={"vocab_axis_name": vocab_axis_name, "reduction": reduction},
+    )
+    impl = REGISTRY.select(implementation, call)
     num_classes = v_local if vocab_axis_name is None else v_local * lax.axis_size(vocab_axis_name)
     n = math.prod(batch_shape)
     smoothing = _checks.concrete_value(label_smoothing)
     cfg = Config(
-        implementation=impl,
+        stream=None,
         axis_name=vocab_axis_name,
         num_classes=int(num_classes),
-        block_v=xla.default_block_v(n, v_local),
+        block_v=chunked.default_block_v(n, v_local),
         smoothing=smoothing is None or bool(smoothing != 0),
     )
-    if impl == "pallas":
-        pallas.check_supported(mm_dtype, v_local)
-
     x2 = x.astype(mm_dtype).reshape(n, x.shape[-1])
-    if _single_pass_applies(cfg, reduction, mm_dtype):
-        args = (x2, w.astype(mm_dtype), labels.reshape(n), valid.reshape(n), class_weight, opts)
-        return reduced_loss(*args, cfg, reduction)
-    losses = row_losses(
-        x2, w.astype(mm_dtype), labels.reshape(n), valid.reshape(n), class_weight, opts, cfg
-    ).reshape(batch_shape)
-    lw = label_weights(class_weight, labels, v_local, vocab_axis_name, dtype)
-    return _losses.reduce_losses(losses, jnp.sum(jnp.where(valid, lw, 0.0)), reduction)
+    args = (x2, w.astype(mm_dtype), labels.reshape(n), valid.reshape(n), class_weight, opts)
+    out = impl.fn(*args, cfg, reduction)
+    return out.reshape(batch_shape) if reduction == "none" else out

@@ -15,7 +15,7 @@ it once: ``dx`` over token chunks (``[Cn, D]`` float32 accumulators, summed over
 chunks) and ``dw`` over class chunks (``[Cv, D]``, summed over token chunks). Temporary
 memory is those chunks, about 16 MiB (``blocks.CHUNK_ELEMENTS``) whatever N, V and D; the
 logits are recomputed once per pass, so the backward does two ``N x V x D`` products more
-than it differentiates (five in all, as the xla path with bf16 weights plus one).
+than it differentiates (five in all, as the chunked path with bf16 weights plus one).
 
 The kernel family is chosen per platform when the function is lowered, not when it is
 traced (``softjax._lowering.platform_dependent``): Mosaic (``pallas_tpu``) for ``tpu``, Triton
@@ -34,25 +34,28 @@ from jax import lax
 
 from .. import _numerics as nx
 from .._lowering import platform_dependent
+from .._sharding import match_vma
 from . import blocks as _blocks
-from . import pallas_gpu, pallas_tpu, xla
+from . import pallas_gpu, pallas_tpu
 from .blocks import BlockSizes
 
 PLATFORMS = ("tpu", "cuda", "rocm", "cpu")
 
 
-def check_supported(dtype, num_classes: int = 0) -> None:
-    """NotImplementedError naming what is missing, for a call these kernels cannot serve."""
+def unsupported(dtype, num_classes: int) -> str | None:
+    """What these kernels lack for a call with operands of ``dtype`` and ``num_classes``
+    classes per call (None: they serve it)."""
     if num_classes >= 2**24:
-        raise NotImplementedError(
-            f"implementation='pallas' takes fewer than 2**24 classes per call (got "
-            f"{num_classes}: labels travel as float32); use implementation='xla'"
+        return (
+            f"the kernels take fewer than 2**24 classes per call (got {num_classes}: labels "
+            "travel as float32); use implementation='chunked'"
         )
     if np.dtype(dtype) == np.float64:
-        raise NotImplementedError(
-            "implementation='pallas' has no float64 kernel (TPUs and GPU matmul units have no "
-            "float64); use implementation='xla'"
+        return (
+            "the kernels have no float64 form (TPUs and GPU matmul units have no float64); "
+            "use implementation='chunked'"
         )
+    return None
 
 
 def _per_platform(fn_name: str, *args, **kw):
@@ -71,11 +74,11 @@ def _per_platform(fn_name: str, *args, **kw):
         default=branch(pallas_tpu, BlockSizes.interpret(), True),
     )
     # Inside shard_map the results vary over the mesh axes the operands vary over.
-    return xla.match_vma(out, *args)
+    return match_vma(out, *args)
 
 
 def forward_stats(x, w, class_weight, cap, *, smoothing: bool, family=None, blocks=None):
-    """Per-row :class:`xla.Stats` (``[N]``) of ``softcap(x @ w.T)`` over ``w``'s rows.
+    """Per-row :class:`chunked.Stats` (``[N]``) of ``softcap(x @ w.T)`` over ``w``'s rows.
 
     ``family`` (a kernel module) and ``blocks`` pin one family and its blocks (tests; the
     family runs interpreted): by default the platform's family with its own blocks.
@@ -96,7 +99,7 @@ def row_data(row_ok, coefs, shift, log_norm, labels):
     ``[8, N]`` costs ``N * 32``; the kernels transpose their blocks. 8 rows because Triton
     blocks have power-of-two sizes. The label
     (an index into this call's ``w``, possibly negative) is exact as a float32:
-    :func:`check_supported` keeps ``V`` below ``2**24``.
+    :func:`unsupported` keeps ``V`` below ``2**24``.
     """
     cols = (row_ok, coefs.prob, coefs.target, coefs.smooth, shift, log_norm, labels)
     cols += (jnp.zeros_like(shift),)
@@ -135,7 +138,7 @@ def backward(
     """``dx`` (``dx_dtype``, default ``x.dtype``; summed over this ``w``) and ``dw``
     (``w.dtype``), each accumulated in float32 and cast once (see the module docstring).
 
-    Arguments as ``xla.backward``; ``family``/``blocks`` as :func:`forward_stats`.
+    Arguments as ``chunked.backward``; ``family``/``blocks`` as :func:`forward_stats`.
     """
     n, dim = x.shape
     v = w.shape[0]
@@ -182,7 +185,7 @@ def backward(
         return lax.dynamic_update_slice_in_dim(dw, acc.astype(dw.dtype), s, 0)
 
     dx = jnp.zeros((n, dim), dx_dtype or x.dtype)
-    dx = lax.fori_loop(0, -(-n // dx_rows), dx_rows_chunk, xla.match_vma(dx, x, w, coefs))
-    dw = xla.match_vma(jnp.zeros_like(w), x, w, coefs)
+    dx = lax.fori_loop(0, -(-n // dx_rows), dx_rows_chunk, match_vma(dx, x, w, coefs))
+    dw = match_vma(jnp.zeros_like(w), x, w, coefs)
     dw = lax.fori_loop(0, -(-v // dw_cols), dw_cols_chunk, dw)
     return dx, dw

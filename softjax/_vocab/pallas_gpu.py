@@ -6,14 +6,14 @@ instead:
 * ``softjax_lce_fwd``: one program per token block; it loops over the class blocks, and for
   each over D steps (``acc += x[r, k] @ w[c, k].T`` in float32 registers, operands staged
   in shared memory by Triton's software pipeline), then folds the logits block into the
-  per-row online statistics (``xla.merge_block``, the code of the xla path).
+  per-row online statistics (``chunked.merge_block``, the code of the chunked path).
 * ``softjax_lce_grad``: one program per ``(token block, class block)``; the same D loop,
-  then the gradient block ``dz`` (``xla.block_grads``), written in the operands' dtype.
+  then the gradient block ``dz`` (``chunked.block_grads``), written in the operands' dtype.
 
 Shared memory per pipeline stage is ``(bn + bv) * bd`` operand elements and registers hold
 one ``[bn, bv]`` float32 block, whatever ``D`` is. Triton blocks are powers of two: ragged
 edges use clamped starts (the last block of an axis starts at ``size - block`` and masks
-what the previous block covered, as the xla path), so no load is out of bounds and ``w`` is
+what the previous block covered, as the chunked path), so no load is out of bounds and ``w`` is
 never padded or copied; only an axis shorter than the 16 that Triton's matmul needs is
 padded (a copy of fewer than 16 rows).
 
@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 
 from .. import _losses
 from .. import _numerics as nx
-from . import xla
+from . import chunked
 from .blocks import BlockSizes
 
 MIN_BLOCK = 16  # Triton's matmul needs at least 16 along every axis
@@ -110,17 +110,17 @@ def _fwd_kernel(*refs, n, dim, num_classes, bn, bv, bd, smoothing, has_cap):
         col_ok = new & (s + lax.broadcasted_iota(jnp.int32, (1, bv), 1) < num_classes)
         cw = cw_ref[:, pl.ds(s, bv)]
         z = nx.softcap(_logits(x_ref, w_ref, r0, s, bn=bn, bv=bv, bd=bd, dim=dim), cap)
-        st = xla.merge_block(st, z, col_ok, cw, ws, smoothing)
+        st = chunked.merge_block(st, z, col_ok, cw, ws, smoothing)
         return st, ws + jnp.sum(jnp.where(col_ok, cw, 0.0), axis=-1, keepdims=True)
 
-    init = (xla.init_stats(bn, jnp.float32), jnp.zeros((bn, 1), jnp.float32))
+    init = (chunked.init_stats(bn, jnp.float32), jnp.zeros((bn, 1), jnp.float32))
     st, _ = lax.fori_loop(0, pl.cdiv(v, bv), body, init)
     for ref, a in zip(refs, st, strict=True):
         ref[pl.ds(r0, bn), :] = a
 
 
 def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: bool, interpret):
-    """Per-row :class:`xla.Stats` (``[N]`` each) of ``softcap(x @ w.T)``."""
+    """Per-row :class:`chunked.Stats` (``[N]`` each) of ``softcap(x @ w.T)``."""
     n, v = x.shape[0], w.shape[0]
     x, w, cw = _pad_small(x, w, class_weight)
     (np_, dim), vp = x.shape, w.shape[0]
@@ -147,7 +147,7 @@ def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: boo
         args,
         interpret,
     )
-    return xla.Stats(*(a[:n, 0] for a in outs))
+    return chunked.Stats(*(a[:n, 0] for a in outs))
 
 
 def _grad_kernel(*refs, n, dim, bn, bv, bd, has_cap):
@@ -164,7 +164,7 @@ def _grad_kernel(*refs, n, dim, bn, bv, bd, has_cap):
     stats = _losses.RowStats(shift, log_norm)
     coefs = _losses.GradCoefs(prob, target, smooth)
     cw = cw_ref[:, pl.ds(s, bv)]
-    dz = xla.block_grads(raw, cap, cols == label.astype(jnp.int32), stats, coefs, cw)
+    dz = chunked.block_grads(raw, cap, cols == label.astype(jnp.int32), stats, coefs, cw)
     # Blocks that overlap (clamped starts) write identical values there.
     keep = (ok > 0) & (keep_ref[:, pl.ds(s, bv)] > 0)
     dz_ref[pl.ds(r0, bn), pl.ds(s, bv)] = jnp.where(keep, dz, 0.0).astype(dz_ref.dtype)

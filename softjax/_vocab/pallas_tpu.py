@@ -6,14 +6,14 @@ and sequential: step ``k`` adds ``x[i, k] @ w[j, k].T`` (``[bn, bd] x [bd, bv]``
 epilogue:
 
 * ``softjax_lce_fwd`` folds it into the per-row online logsumexp and smoothing statistics
-  (``xla.merge_block``, the code of the xla path). The class axis is sequential too, so the
+  (``chunked.merge_block``, the code of the chunked path). The class axis is sequential too, so the
   ``[bn, 1]`` statistics stay in VMEM scratch while they accumulate; the last class block
   writes them as the rows of one ``[8, bn]`` output block.
 
 Per-row data crosses HBM as ``[8, N]`` (rows of statistics, tokens along lanes) and is
 transposed inside the kernels: a TPU pads an array's minor dimension to 128 lanes, so an
 ``[N, 8]`` or ``[N, 1]`` array would cost ``N * 512`` bytes of HBM, ``[8, N]`` costs ``N * 32``.
-* ``softjax_lce_grad`` turns it into the gradient block ``dz`` (``xla.block_grads``) and
+* ``softjax_lce_grad`` turns it into the gradient block ``dz`` (``chunked.block_grads``) and
   writes it, in the operands' dtype, for the backward pass's matmuls.
 
 Ragged edges are masked, never padded in memory: columns past ``V`` get ``-inf`` logits and a
@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from .. import _losses
 from .. import _numerics as nx
-from . import xla
+from . import chunked
 from .blocks import BlockSizes
 
 
@@ -131,8 +131,10 @@ def _fwd_kernel(*refs, dim, num_classes, bv, bd, smoothing, has_cap):
         m_ref, r_ref, rc_ref, d_ref, ws_ref = stat_refs
         _, col_ok = _columns(j, bv, num_classes)
         cw = cw_ref[...]
-        st = xla.Stats(m_ref[...], r_ref[...], rc_ref[...], d_ref[...])
-        st = xla.merge_block(st, nx.softcap(acc_ref[...], cap), col_ok, cw, ws_ref[...], smoothing)
+        st = chunked.Stats(m_ref[...], r_ref[...], rc_ref[...], d_ref[...])
+        st = chunked.merge_block(
+            st, nx.softcap(acc_ref[...], cap), col_ok, cw, ws_ref[...], smoothing
+        )
         m_ref[...], r_ref[...], rc_ref[...], d_ref[...] = st
         ws_ref[...] += jnp.sum(jnp.where(col_ok, cw, 0.0), axis=-1, keepdims=True)
 
@@ -147,7 +149,7 @@ def _fwd_kernel(*refs, dim, num_classes, bv, bd, smoothing, has_cap):
 
 
 def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: bool, interpret):
-    """Per-row :class:`xla.Stats` (``[N]`` each) of ``softcap(x @ w.T)``.
+    """Per-row :class:`chunked.Stats` (``[N]`` each) of ``softcap(x @ w.T)``.
 
     x ``[N, D]``, w ``[V, D]`` (same dtype), class_weight ``[V]`` or None.
     """
@@ -172,7 +174,7 @@ def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: boo
         interpret=interpret,
         name="softjax_lce_fwd",
     )(x, w, _class_weights(class_weight, v), *_cap_operand(cap))
-    return xla.Stats(*out[:4])
+    return chunked.Stats(*out[:4])
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def _grad_kernel(*refs, dim, n, num_classes, bn, bv, bd, has_cap):
         stats = _losses.RowStats(shift, log_norm)
         coefs = _losses.GradCoefs(prob, target, smooth)
         is_target = cols == label.astype(jnp.int32)
-        dz = xla.block_grads(acc_ref[...], cap, is_target, stats, coefs, cw_ref[...])
+        dz = chunked.block_grads(acc_ref[...], cap, is_target, stats, coefs, cw_ref[...])
         keep = col_ok & (keep_ref[...] > 0) & (rows < n) & (ok > 0)
         dz_ref[...] = jnp.where(keep, dz, 0.0).astype(dz_ref.dtype)
 

@@ -1,4 +1,4 @@
-"""Streaming linear cross-entropy in plain JAX: a loop over vocabulary blocks.
+"""The ``"chunked"`` implementation of ``linear_cross_entropy``: a loop over vocabulary blocks.
 
 The logits ``z = x @ w.T`` (``[N, V]``) are never materialised. The forward pass visits
 ``w`` block by block (``[Bv, D]``) and keeps, per row, an online logsumexp (running max
@@ -28,9 +28,10 @@ from jax import lax
 from .. import _losses
 from .. import _numerics as nx
 from .._lowering import platform_dependent
+from .._sharding import match_vma
 from . import blocks as _blocks
 
-# The xla path holds a few [N, Bv] float32 blocks at a time: Bv is the largest power of two
+# The chunked path holds a few [N, Bv] float32 blocks at a time: Bv is the largest power of two
 # with N * Bv <= this many elements (32 MiB of float32), clamped to [128, 4096].
 BLOCK_ELEMENTS = 2**23
 MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
@@ -38,12 +39,12 @@ BLOCK_N = 1024
 
 
 def default_block_n(num_rows: int) -> int:
-    """Token block of the xla backward pass: ``[Bn, D]`` float32 pieces of ``dx``."""
+    """Token block of the chunked backward pass: ``[Bn, D]`` float32 pieces of ``dx``."""
     return min(num_rows, BLOCK_N)
 
 
 def default_block_v(num_rows: int, num_classes: int) -> int:
-    """The vocabulary block size of the xla path for ``num_rows`` tokens (see above)."""
+    """The vocabulary block size of the chunked path for ``num_rows`` tokens (see above)."""
     b = MAX_BLOCK_V
     while b > MIN_BLOCK_V and num_rows * b > BLOCK_ELEMENTS:
         b //= 2
@@ -83,7 +84,7 @@ def block_grads(raw, cap, is_target, stats: _losses.RowStats, coefs: _losses.Gra
     """``d loss / d raw`` on a block of raw logits ``[n, Bv]`` (``stats``/``coefs``: ``[n, 1]``).
 
     The loss gradient with respect to the capped logits, chained through the softcap; the
-    same code runs in the xla loop and inside the Pallas kernels.
+    same code runs in the chunked loop and inside the Pallas kernels.
     """
     p = _losses.probs(nx.softcap(raw, cap), stats)
     return nx.softcap_grad(raw, cap, _losses.logit_grads(p, is_target, coefs, cw_blk))
@@ -99,7 +100,7 @@ def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
     z = jnp.where(col_ok, z, -jnp.inf)
     m_blk = jnp.max(z, axis=-1, keepdims=True)
     m_new = jnp.maximum(st.m, m_blk)
-    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    shift = nx.empty_row_shift(m_new)
     hi, lo = nx.two_sum(z, -shift)
     e = nx.exp_compensated(hi, lo)
     at_max = hi == 0
@@ -133,41 +134,6 @@ def _block_start(i, bv, num_classes):
     s = jnp.minimum(start, num_classes - bv)
     cols = s + lax.iota(jnp.int32, bv)
     return s, cols, cols >= start
-
-
-def _varying_axes(a) -> set:
-    """The manual mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
-    t = jax.typeof(a)
-    vma = getattr(t, "vma", None)  # jax <= 0.9
-    if vma is None:
-        vma = getattr(getattr(t, "manual_axis_type", None), "varying", None)
-    return set(vma or ())
-
-
-def _tracks_varying_axes(a) -> bool:
-    """Whether this JAX records the mesh axes a value varies over (see ``_varying_axes``)."""
-    t = jax.typeof(a)
-    return hasattr(t, "vma") or hasattr(t, "manual_axis_type")
-
-
-def match_vma(tree, *like):
-    """``tree`` marked as varying over every mesh axis that any of ``like`` varies over.
-
-    Inside ``shard_map`` a loop carry must have the type of the loop body's results, which
-    vary wherever ``x`` or ``w`` do (data and vocabulary axes); fresh zeros do not.
-    Outside ``shard_map`` this is the identity.
-    """
-    axes = set()
-    for a in jax.tree.leaves(like):
-        axes |= _varying_axes(a)
-    if not axes:
-        return tree
-
-    def one(a):
-        missing = tuple(sorted(axes - _varying_axes(a), key=str))
-        return lax.pcast(a, missing, to="varying") if missing else a
-
-    return jax.tree.map(one, tree)
 
 
 def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool):
@@ -234,8 +200,8 @@ def target_logits(x, w, labels, cap):
     rows = _blocks.token_chunk(n, dim)
     if rows == n:
         return nx.softcap(target_dots(x, w, labels), cap)
-    chunked = functools.partial(target_dots_chunked, rows=rows)
-    raw = platform_dependent(x, w, labels, default=chunked, cpu=target_dots)
+    in_chunks = functools.partial(target_dots_chunked, rows=rows)
+    raw = platform_dependent(x, w, labels, default=in_chunks, cpu=target_dots)
     return nx.softcap(match_vma(raw, x, w, labels), cap)
 
 
