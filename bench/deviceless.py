@@ -29,7 +29,9 @@ TPU_TOPOLOGIES = {"v5e": "v5e:2x2", "v6e": "v6e:2x2", "v5p": "v5p:2x2x1"}
 TARGETS = ("h200", *TPU_TOPOLOGIES)
 H200_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "tests" / "targets" / "h200.txtpb"
 
-# Custom-call targets of compiled Pallas kernels: Mosaic TPU, Triton, Mosaic GPU.
+# Custom-call targets of compiled Pallas kernels: Mosaic TPU, Triton
+# (softjax._vocab.pallas_gpu.CUSTOM_CALL: spelled out, since this module must not import jax
+# before the target's flags are set; tests/test_bench_tools.py checks the two agree), Mosaic GPU.
 KERNEL_CALLS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu")
 
 # LLM output heads (D, V, dtype, N): the sizes the accelerator tests compile.

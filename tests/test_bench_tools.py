@@ -125,3 +125,10 @@ def test_breakdown_variants_all_compute_the_logsumexp():
     want = np.asarray(jax.nn.logsumexp(x, axis=-1, keepdims=True))
     for name, fn in breakdown.VARIANTS.items():
         np.testing.assert_allclose(np.asarray(jax.jit(fn)(x)), want, rtol=1e-6, err_msg=name)
+
+
+def test_deviceless_names_the_triton_custom_call_the_kernels_lower_to():
+    from bench import deviceless
+    from softjax._vocab import pallas_gpu
+
+    assert pallas_gpu.CUSTOM_CALL in deviceless.KERNEL_CALLS

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import softjax
-from softjax._vocab import chunked
+from softjax._vocab import chunked, pallas_gpu
 from softjax._vocab.reference import linear_cross_entropy_reference
 
 F32, BF16, F64 = jnp.float32, jnp.bfloat16, jnp.float64
@@ -489,7 +489,7 @@ def _exported(platforms, n=512, d=320, v=5000):
         )
 
     # Triton kernels are custom calls without a serialisation-compatibility guarantee.
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    checks = [jax.export.DisabledSafetyCheck.custom_call(pallas_gpu.CUSTOM_CALL)]
     return jax.export.export(
         jax.jit(jax.value_and_grad(f, (0, 1))), platforms=platforms, disabled_checks=checks
     )(*args)
@@ -503,14 +503,14 @@ def test_pallas_lowers_for_tpu_from_this_host():
     for name in KERNELS:
         assert name in text, name
     assert "tpu_custom_call" in text
-    assert "__gpu$xla.gpu.triton" not in text
+    assert pallas_gpu.CUSTOM_CALL not in text
 
 
 def test_pallas_lowers_for_cuda_from_this_host():
     text = _exported(["cuda"]).mlir_module()
     for name in KERNELS:
         assert f'name = "{name}"' in text, name
-    assert "__gpu$xla.gpu.triton" in text
+    assert pallas_gpu.CUSTOM_CALL in text
     assert "tpu_custom_call" not in text
 
 
@@ -521,7 +521,7 @@ def test_one_export_holds_the_kernel_of_every_platform():
     exported = _exported(["cpu", "cuda", "tpu"], n, d, v)
     text = exported.mlir_module()
     assert exported.platforms == ("cpu", "cuda", "tpu")
-    assert "tpu_custom_call" in text and "__gpu$xla.gpu.triton" in text
+    assert "tpu_custom_call" in text and pallas_gpu.CUSTOM_CALL in text
     # The cpu lowering (interpreted kernels) runs here and agrees with the xla path.
     x, w, y = make(n, d, v, BF16, seed=3)
     y = y.astype(jnp.int32)

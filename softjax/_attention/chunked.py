@@ -211,6 +211,54 @@ def _reduce_to(x, shape):
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
+def _transposed_scores(spec, masks: Masks, kb, qb, bias_b, t0, s0, masked: bool):
+    """The raw and final scores of a block, transposed: ``[B, K, bk, bq, G]``.
+
+    Transposed, dV and dK are plain (NN) matmuls, which run about twice as fast on CPU as
+    ones contracting a leading axis.
+    """
+    b_, k_, bk, h = kb.shape
+    bq, g_ = qb.shape[2], qb.shape[3]
+    raw = _dot(kb.reshape(b_ * k_, bk, h), qb.reshape(b_ * k_, bq * g_, h), ((2,), (2,)))
+    raw = raw.reshape(b_, k_, bk, bq, g_)
+    s = nx.softcap(raw, masks.softcap)
+    if bias_b is not None:
+        s = s + _t(bias_b)
+    if masked:
+        ok = block_mask(spec, masks, t0, bq, s0, bk)
+        if ok is not None:
+            s = jnp.where(_t(ok), s, -jnp.inf)
+    return raw, s
+
+
+def _dropped(spec, masks: Masks, p, dp, t0, s0):
+    """``p`` and ``dp`` of a transposed block with the dropout mask applied (as the forward)."""
+    if spec.dropout_rate == 0:
+        return p, dp
+    b_, k_, bk, bq, g_ = p.shape
+    inv_keep = 1.0 / (1.0 - spec.dropout_rate)
+    keep = _t(dropout_keep(spec, masks.seed, (b_, k_, bq, g_, bk), t0, s0))
+    return (
+        jnp.where(keep, p * inv_keep, jnp.zeros_like(p)),
+        jnp.where(keep, dp * inv_keep, jnp.zeros_like(dp)),
+    )
+
+
+def _add_bias_grad(dbias, ds, t0, s0):
+    """``dbias`` plus a block's score gradient ``ds`` (transposed), summed where it broadcasts."""
+    contrib = _reduce_to(_t_back(ds), dbias.shape)
+    zero = jnp.int32(0)
+    at = (
+        zero,
+        zero,
+        jnp.int32(t0) if dbias.shape[2] != 1 else zero,
+        zero,
+        jnp.int32(s0) if dbias.shape[4] != 1 else zero,
+    )
+    old = lax.dynamic_slice(dbias, at, contrib.shape)
+    return lax.dynamic_update_slice(dbias, old + contrib, at)
+
+
 def _backward(plan: Plan, q, k, v, bias, masks: Masks, out, lse, d_out, d_lse):
     spec, bq, bk = plan.spec, plan.bq, plan.bk
     b_, k_, t_len, g_, h = q.shape
@@ -224,7 +272,6 @@ def _backward(plan: Plan, q, k, v, bias, masks: Masks, out, lse, d_out, d_lse):
         delta = delta - d_lse
     # exp(s - lse) with lse = -inf (an empty row) must be 0, not NaN: use +inf there.
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-    inv_keep = 1.0 / (1.0 - spec.dropout_rate)
 
     def key_block(j, carry):
         dq, dbias = carry
@@ -239,44 +286,20 @@ def _backward(plan: Plan, q, k, v, bias, masks: Masks, out, lse, d_out, d_lse):
                 t0 = i * bq
                 qb = lax.dynamic_slice_in_dim(q, t0, bq, axis=2)
                 dob = lax.dynamic_slice_in_dim(d_out, t0, bq, axis=2)
-                # Transposed scores [B*K, bk, bq*G]: then dV and dK are plain (NN) matmuls,
-                # which run about twice as fast on CPU as ones contracting a leading axis.
-                raw = _dot(kb.reshape(bkg, bk, h), qb.reshape(bkg, bq * g_, h), ((2,), (2,)))
-                raw = raw.reshape(b_, k_, bk, bq, g_)
-                s = nx.softcap(raw, masks.softcap)
                 bias_b = _slice(bias_cols, t0, bq, 2)
-                if bias_b is not None:
-                    s = s + _t(bias_b)
-                if masked:
-                    ok = block_mask(spec, masks, t0, bq, s0, bk)
-                    if ok is not None:
-                        s = jnp.where(_t(ok), s, -jnp.inf)
+                raw, s = _transposed_scores(spec, masks, kb, qb, bias_b, t0, s0, masked)
                 lse_b = lax.dynamic_slice_in_dim(lse, t0, bq, axis=2)[:, :, None]
                 delta_b = lax.dynamic_slice_in_dim(delta, t0, bq, axis=2)[:, :, None]
                 p = jnp.exp(s - lse_b)
                 dob2 = dob.reshape(bkg, bq * g_, hv)
                 dp = _dot(vb.reshape(bkg, bk, hv), dob2, ((2,), (2,))).reshape(p.shape)
-                if spec.dropout_rate > 0:
-                    keep = _t(dropout_keep(spec, masks.seed, (b_, k_, bq, g_, bk), t0, s0))
-                    p_drop = jnp.where(keep, p * inv_keep, jnp.zeros_like(p))
-                    dp = jnp.where(keep, dp * inv_keep, jnp.zeros_like(dp))
-                else:
-                    p_drop = p
-                p_drop = p_drop.reshape(bkg, bk, bq * g_)
-                dv = dv + _dot(p_drop, dob2, ((2,), (1,))).reshape(dv.shape)
+                p_drop, dp = _dropped(spec, masks, p, dp, t0, s0)
+                dv = dv + _dot(p_drop.reshape(bkg, bk, bq * g_), dob2, ((2,), (1,))).reshape(
+                    dv.shape
+                )
                 ds = p * (dp - delta_b)
                 if dbias is not None:
-                    contrib = _reduce_to(_t_back(ds), bias.shape)
-                    zero = jnp.int32(0)
-                    at = (
-                        zero,
-                        zero,
-                        jnp.int32(t0) if bias.shape[2] != 1 else zero,
-                        zero,
-                        jnp.int32(s0) if bias.shape[4] != 1 else zero,
-                    )
-                    old = lax.dynamic_slice(dbias, at, contrib.shape)
-                    dbias = lax.dynamic_update_slice(dbias, old + contrib, at)
+                    dbias = _add_bias_grad(dbias, ds, t0, s0)
                 ds = nx.softcap_grad(raw, masks.softcap, ds)
                 ds = ds.reshape(bkg, bk, bq * g_)
                 dk = dk + _dot(ds, qb.reshape(bkg, bq * g_, h), ((2,), (1,))).reshape(dk.shape)

@@ -288,6 +288,39 @@ REGISTRY.register("chunked", _chunked)
 REGISTRY.register("pallas", _pallas, _pallas_unsupported)
 
 
+def _operands(x, w):
+    """``x`` ``[..., D]`` and ``w`` ``[V, D]`` checked (floating, matching D, V > 0)."""
+    x = _checks.floating(x, "x")
+    w = _checks.floating(w, "w")
+    if x.ndim < 1:
+        raise ValueError("x must have shape [..., D] with the hidden axis last, got shape ()")
+    if w.ndim != 2:
+        raise ValueError(f"w must have shape (V, D), got shape {w.shape}")
+    if w.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"w has shape {w.shape} but x {x.shape} has hidden size D={x.shape[-1]}: "
+            f"expected w of shape (V, {x.shape[-1]})"
+        )
+    if w.shape[0] == 0:
+        raise ValueError(f"w must have at least one class (row), got shape {w.shape}")
+    return x, w
+
+
+def _check_sharded(w, axis_name) -> None:
+    """With ``vocab_axis_name``, ``w`` must be typed as varying over that mesh axis."""
+    if (
+        axis_name is not None
+        and _sharding.tracks_varying_axes(w)
+        and axis_name not in _sharding.varying_axes(w)
+    ):
+        # Without the varying-axes types, shard_map cannot tell which cotangents to sum over
+        # the mesh: the gradients would be silently wrong. Refuse instead.
+        raise ValueError(
+            f"vocab_axis_name={axis_name!r} needs w sharded over that mesh axis inside "
+            "jax.shard_map with check_vma=True (the default); w does not vary over it here"
+        )
+
+
 def linear_cross_entropy(
     x: ArrayLike,
     w: ArrayLike,
@@ -367,19 +400,8 @@ def linear_cross_entropy(
       >>> softjax.linear_cross_entropy(x, w, jnp.array([0, 1, 2, 3]))
       Array(2.3025851, dtype=float32)
     """
-    x = _checks.floating(x, "x")
-    w = _checks.floating(w, "w")
-    if x.ndim < 1:
-        raise ValueError("x must have shape [..., D] with the hidden axis last, got shape ()")
-    if w.ndim != 2:
-        raise ValueError(f"w must have shape (V, D), got shape {w.shape}")
-    if w.shape[1] != x.shape[-1]:
-        raise ValueError(
-            f"w has shape {w.shape} but x {x.shape} has hidden size D={x.shape[-1]}: "
-            f"expected w of shape (V, {x.shape[-1]})"
-        )
-    if w.shape[0] == 0:
-        raise ValueError(f"w must have at least one class (row), got shape {w.shape}")
+    x, w = _operands(x, w)
+    _check_sharded(w, vocab_axis_name)
     mm_dtype = jnp.promote_types(x.dtype, w.dtype)
     dtype = nx.compute_dtype(mm_dtype)
     opts = _losses.loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
@@ -396,18 +418,6 @@ def linear_cross_entropy(
     ignore_index = _checks.ignore_index(ignore_index)
     if ignore_index is not None:
         valid = valid & (labels != ignore_index)
-
-    if (
-        vocab_axis_name is not None
-        and _sharding.tracks_varying_axes(w)
-        and vocab_axis_name not in _sharding.varying_axes(w)
-    ):
-        # Without the varying-axes types, shard_map cannot tell which cotangents to sum over
-        # the mesh: the gradients would be silently wrong. Refuse instead.
-        raise ValueError(
-            f"vocab_axis_name={vocab_axis_name!r} needs w sharded over that mesh axis inside "
-            "jax.shard_map with check_vma=True (the default); w does not vary over it here"
-        )
     call = _dispatch.Call(
         shapes={"x": x.shape, "w": w.shape},
         dtypes={"x": x.dtype, "w": mm_dtype},

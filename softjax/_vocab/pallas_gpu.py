@@ -40,6 +40,10 @@ from .blocks import BlockSizes
 
 MIN_BLOCK = 16  # Triton's matmul needs at least 16 along every axis
 
+# The custom call a Pallas Triton kernel lowers to (what an executable holding these
+# kernels contains, and what jax.export must be told to accept).
+CUSTOM_CALL = "__gpu$xla.gpu.triton"
+
 
 def _pow2_at_most(n: int, cap: int) -> int:
     b = MIN_BLOCK
