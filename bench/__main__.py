@@ -85,9 +85,9 @@ def format_line(cells: list[str]) -> str:
     ).rstrip()
 
 
-def format_table(rows: list[dict]) -> str:
-    """The rows under the shared columns, each column as wide as its widest cell."""
-    names = list(COLUMNS)
+def format_table(rows: list[dict], names: list[str] | None = None) -> str:
+    """The rows under the shared columns (or ``names``), each as wide as its widest cell."""
+    names = list(COLUMNS) if names is None else names
     cells = [[cell(r.get(name)) for name in names] for r in rows]
     widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
     lines = [" ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)).rstrip()]
@@ -181,7 +181,10 @@ def main(argv=None) -> int:
     print(f"\n{summary(all_rows)}; {time.perf_counter() - start:.0f} s in all", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "rows": all_rows}, f, indent=1)
+            command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
+            run = {"machine": machine(), "command": command, "tier": tier}
+            run["seconds"] = round(time.perf_counter() - start)
+            json.dump({**run, "rows": all_rows}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

@@ -1,4 +1,8 @@
-"""Shared test set-up: float64 on (references are float64), tolerances in one place."""
+"""Shared test set-up: float64 on (references are float64), hypothesis profiles.
+
+The tolerance table and the assertion helpers live in ``_tolerances.py``; ``TOL`` and
+``tol`` are re-exported here for the modules that import them from ``conftest``.
+"""
 
 import os
 
@@ -9,15 +13,21 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from _tolerances import TOL as TOL  # noqa: E402
+from _tolerances import tol as tol  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-# Relative tolerance of a result against a float64 reference, by the dtype it is computed
-# in and returned as: the rounding of that dtype plus a few float32 ulps of arithmetic.
-TOL = {"float64": 1e-12, "float32": 2e-6, "bfloat16": 8e-3, "float16": 1e-3}
-
-
-def tol(dtype) -> float:
-    """The relative tolerance for results of ``dtype`` (see ``TOL``)."""
-    return TOL[np.dtype(dtype).name]
+# "ci" (the default): the same examples on every run and every machine, so a red CI run is
+# reproducible and a green one is not luck; no example database, which would replay
+# failures seen locally and make runs depend on the machine's history; no deadline, since
+# the first example of a test pays for XLA compilation. max_examples is hypothesis's own
+# default (tests that need fewer set their own).
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, max_examples=100, print_blob=True
+)
+# "dev": fresh random examples each run (and the local database replaying past failures),
+# to look for new counterexamples: HYPOTHESIS_PROFILE=dev pytest ...
+settings.register_profile("dev", derandomize=False, deadline=None, max_examples=100)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -132,3 +132,30 @@ def test_deviceless_names_the_triton_custom_call_the_kernels_lower_to():
     from softjax._vocab import pallas_gpu
 
     assert pallas_gpu.CUSTOM_CALL in deviceless.KERNEL_CALLS
+
+
+def test_readme_table_is_rewritten_between_its_markers_from_the_json():
+    from bench import readme
+
+    run = {
+        "machine": "test machine",
+        "command": "python -m bench --full --json x.json",
+        "seconds": 600,
+        "rows": [
+            {"family": "losses", "op": "cross_entropy", "case": "fwd", "time_ratio": 0.5},
+            {"family": "vocab", "op": "linear_cross_entropy", "softjax_MiB": 160.0},
+        ],
+    }
+    text = f"intro\n{readme.BEGIN}\nold table\n{readme.END}\nafter\n"
+    once = readme.rewrite(text, readme.render(run))
+    assert "old table" not in once and once.startswith("intro\n") and once.endswith("after\n")
+    assert "`python -m bench --full --json x.json` on test machine, 10 minutes" in once
+    assert "cross_entropy" in once and "0.5" in once and "160" in once
+    # Columns no row of a family fills are left out of its table.
+    losses = once.split("`losses`")[1].split("`vocab`")[0]
+    assert "time_ratio" in losses and "softjax_MiB" not in losses
+    assert readme.rewrite(once, readme.render(run)) == once
+    with pytest.raises(ValueError, match="must hold one"):
+        readme.rewrite("no markers", "x")
+    text = readme.README.read_text()
+    assert text.count(readme.BEGIN) == 1 and text.count(readme.END) == 1
