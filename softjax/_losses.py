@@ -402,8 +402,10 @@ def cross_entropy(
     scalar options are treated as constants.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> import softjax
       >>> softjax.cross_entropy(jnp.array([[2.0, 1.0, 0.5]]), jnp.array([0]))
-      Array(0.46436879, dtype=float32)
+      Array(0.4643688, dtype=float32)
     """
     logits = _checks.floating(logits, "logits")
     given_axis, shape = axis, logits.shape
@@ -477,6 +479,8 @@ def binary_cross_entropy(
       float32 (float64 for float64 logits).
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> import softjax
       >>> softjax.binary_cross_entropy(jnp.array([0.0]), jnp.array([1.0]))
       Array(0.6931472, dtype=float32)
     """

@@ -116,6 +116,7 @@ def softmax(
     that row only.
 
     Example:
+      >>> import jax.numpy as jnp
       >>> import softjax
       >>> softjax.softmax(jnp.array([1000.0, 999.0, 998.0]))
       Array([0.66524094, 0.24472848, 0.09003057], dtype=float32)
@@ -195,8 +196,10 @@ def log_softmax(
     rather than exactly ``0``). Rows with no valid entry give ``-inf`` with zero gradient.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> import softjax
       >>> softjax.log_softmax(jnp.array([0.0, -80.0]))
-      Array([-1.8048513e-35, -8.0000000e+01], dtype=float32)
+      Array([-1.8048515e-35, -8.0000000e+01], dtype=float32)
     """
     x, axes, where = _prepare(x, axis, where)
     t = _checks.temperature(temperature, x.shape, axes)
@@ -295,8 +298,10 @@ def logsumexp(
       dominates.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> import softjax
       >>> softjax.logsumexp(jnp.array([1000.0, 1000.0]))
-      Array(1000.6931, dtype=float32)
+      Array(1000.6932, dtype=float32)
     """
     x, axes, where = _prepare(a, axis, where)
     if b is None:

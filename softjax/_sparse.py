@@ -136,7 +136,9 @@ def sparsemax(x, axis: Axis = -1, *, where=None) -> jax.Array:
     no valid entry gives zeros and zero gradient; a row holding a NaN gives NaN.
 
     Example:
-      >>> sparsemax(jnp.array([1.0, 0.8, -1.0]))
+      >>> import jax.numpy as jnp
+      >>> import softjax
+      >>> softjax.sparsemax(jnp.array([1.0, 0.8, -1.0]))
       Array([0.6       , 0.40000004, 0.        ], dtype=float32)
     """
     return _apply(_sparsemax, x, axis, where)
@@ -207,7 +209,9 @@ def entmax15(x, axis: Axis = -1, *, where=None) -> jax.Array:
     Numerics: as :func:`sparsemax`.
 
     Example:
-      >>> entmax15(jnp.array([1.0, 0.8, -1.0]))
+      >>> import jax.numpy as jnp
+      >>> import softjax
+      >>> softjax.entmax15(jnp.array([1.0, 0.8, -1.0]))
       Array([0.5705337, 0.4294664, 0.       ], dtype=float32)
     """
     return _apply(_entmax15, x, axis, where)

@@ -134,6 +134,8 @@ def bin_statistics(logits, labels, *, n_bins: int = 15, where=None):
       logits); the means of an empty bin are 0.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from softjax.calibration import bin_statistics
       >>> count, conf, acc = bin_statistics(jnp.array([[2.0, 0.0], [0.0, 0.3]]),
       ...                                   jnp.array([0, 0]), n_bins=2)
       >>> count
@@ -163,6 +165,8 @@ def expected_calibration_error(logits, labels, *, n_bins: int = 15, where=None) 
       A scalar in ``[0, 1]``, float32 (float64 for float64 logits); 0 when no sample counts.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from softjax.calibration import expected_calibration_error
       >>> expected_calibration_error(jnp.array([[2.0, 0.0], [0.0, 0.3]]), jnp.array([0, 0]))
       Array(0.34682274, dtype=float32)
     """
@@ -181,6 +185,8 @@ def maximum_calibration_error(logits, labels, *, n_bins: int = 15, where=None) -
     Arguments and return as in :func:`expected_calibration_error` (0 when no sample counts).
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from softjax.calibration import maximum_calibration_error
       >>> maximum_calibration_error(jnp.array([[2.0, 0.0], [0.0, 0.3]]), jnp.array([0, 0]))
       Array(0.5744425, dtype=float32)
     """
@@ -267,6 +273,8 @@ def fit_temperature(logits, labels, *, where=None, steps: int = 30) -> jax.Array
       recalibrate. 1 when no sample counts.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from softjax.calibration import fit_temperature
       >>> fit_temperature(jnp.array([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0]]), jnp.array([0, 1, 1]))
       Array(5.7707796, dtype=float32)
     """

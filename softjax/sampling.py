@@ -304,7 +304,9 @@ def filter_logits(
     elsewhere; a row holding a NaN comes back all NaN.
 
     Example:
-      >>> filter_logits(jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05])), top_p=0.8)
+      >>> import jax.numpy as jnp
+      >>> import softjax
+      >>> softjax.sampling.filter_logits(jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05])), top_p=0.8)
       Array([-0.6931472, -1.2039728,       -inf,       -inf], dtype=float32)
     """
     x, knobs = _prepare(logits, axis, temperature, top_k, top_p, min_p)
@@ -347,8 +349,10 @@ def sample(
       ``tokens == V`` finds those rows.
 
     Example:
-      >>> sample(jax.random.key(0), jnp.array([[1.0, 3.0, 3.0], [0.0, 0.0, 9.0]]),
-      ...        temperature=jnp.array([0.0, 1.0]), top_p=0.9)
+      >>> import jax, jax.numpy as jnp
+      >>> import softjax
+      >>> softjax.sample(jax.random.key(0), jnp.array([[1.0, 3.0, 3.0], [0.0, 0.0, 9.0]]),
+      ...                temperature=jnp.array([0.0, 1.0]), top_p=0.9)
       Array([1, 2], dtype=int32)
     """
     x, knobs = _prepare(logits, axis, temperature, top_k, top_p, min_p)

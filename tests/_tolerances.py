@@ -31,6 +31,16 @@ SLACK = {
     # A cross-entropy with label smoothing, z-loss and soft-capping: a sum of V log
     # probabilities (each 'chained') plus the square of a logsumexp.
     "composite_loss": 50,
+    # Two float32 implementations of one quantity compared with each other (streamed over
+    # vocabulary blocks and materialised, softjax and optax, a row and its batch): each
+    # rounds its sums in its own order, so they differ by two errors of a couple of ulps.
+    "two_paths": 4,
+    # A gradient of a loss of the logits x @ w.T against float64: every dx (dw) entry is a
+    # sum over V (N) of rounded probabilities times rounded operands.
+    "matmul_grad": 10,
+    # bf16 gradients accumulated in float32 and cast once (half an ulp), against a
+    # reference whose probabilities come from the same bf16 operands (another ulp).
+    "bf16_grad": 2,
 }
 
 

@@ -1,7 +1,12 @@
-"""Shared test set-up: float64 on (references are float64), hypothesis profiles.
+"""Shared test set-up: the suite runs as users run (x64 off), hypothesis profiles.
 
-The tolerance table and the assertion helpers live in ``_tolerances.py``; ``TOL`` and
-``tol`` are re-exported here for the modules that import them from ``conftest``.
+References are float64 NumPy, which needs no jax setting. A test that computes *in jax* in
+float64 (float64 inputs, or a float64 result to compare bit for bit) opts in with
+``@pytest.mark.x64`` (or ``pytestmark`` for a module): it then runs inside
+``jax.enable_x64(True)``, and every other test sees the 32-bit defaults a user's program
+sees, so a float64 array cannot slip into a float32 test unnoticed.
+
+The tolerance table and the assertion helpers live in ``_tolerances.py``.
 """
 
 import os
@@ -13,11 +18,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-from _tolerances import TOL as TOL  # noqa: E402
-from _tolerances import tol as tol  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Runs a test marked ``x64`` (set-up, call and tear-down) with 64-bit types enabled."""
+    if item.get_closest_marker("x64") is None:
+        return (yield)
+    with jax.enable_x64(True):
+        return (yield)
+
 
 # "ci" (the default): the same examples on every run and every machine, so a red CI run is
 # reproducible and a green one is not luck; no example database, which would replay

@@ -73,8 +73,9 @@ def test_bench_table_columns_line_up_and_help_documents_them(capsys):
     assert starts[1] == starts[2] == [lines[0].index("op")]  # the op column starts alike
     header = lines[0]
     assert lines[2].index("12") == header.index("softjax_MiB")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         bench_main.main(["--help"])
+    assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in bench_main.COLUMNS)
 

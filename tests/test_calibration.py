@@ -78,6 +78,7 @@ def ref_fit_temperature(logits, labels):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
 @pytest.mark.parametrize("n_bins", [1, 10, 15])
 def test_ece_mce_match_reference(dtype, n_bins):
@@ -94,6 +95,7 @@ def test_ece_mce_match_reference(dtype, n_bins):
     )
 
 
+@pytest.mark.x64
 def test_bin_statistics_and_known_value():
     # Confidences 0.9 (right), 0.8 (right), 0.6 (wrong), 0.7 (wrong); two bins (0, .5], (.5, 1].
     conf = np.array([0.9, 0.8, 0.6, 0.7])
@@ -136,6 +138,7 @@ def test_where_equals_filtering_and_empty_is_zero():
     assert float(cal.fit_temperature(x, y, where=np.zeros(300, bool))) == 1.0
 
 
+@pytest.mark.x64
 def test_batch_dims_and_jit():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(4, 50, 6))
@@ -212,6 +215,7 @@ def test_validation():
         cal.expected_calibration_error(x, y, where=jnp.ones(3, bool))
 
 
+@pytest.mark.x64
 @settings(max_examples=10, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),

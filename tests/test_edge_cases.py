@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tol
+from _tolerances import tol
 
 import softjax as sj
 from softjax import calibration as cal
@@ -60,6 +60,7 @@ def test_calibration_labels_of_every_integer_dtype(dtype):
         np.testing.assert_array_equal(fn(logits, labels.astype(dtype)), fn(logits, labels))
 
 
+@pytest.mark.x64
 def test_labels_beyond_int32_stay_out_of_range():
     logits = jnp.zeros((2, 4))
     labels = np.array([2**40, 1], np.int64)
@@ -274,6 +275,7 @@ def test_wrong_option_types_are_named():
 # jax.debug_infs stays quiet where nothing is infinite
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_masked_xla_attention_makes_no_infinity(dtype):
     q = jnp.zeros((1, 5, 6, 8), dtype)
@@ -291,6 +293,7 @@ def test_masked_xla_attention_makes_no_infinity(dtype):
 # Forward-mode differentiation of the losses
 
 
+@pytest.mark.x64
 def test_losses_support_forward_mode():
     logits = jax.random.normal(jax.random.key(11), (4, 6), jnp.float64)
     labels = jnp.array([0, 5, 2, 3])

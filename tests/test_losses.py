@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tol
+from _tolerances import tol
 from jax.test_util import check_grads
 
 import softjax as sj
@@ -120,6 +120,7 @@ def test_explainer_example_value_and_gradient():
 # Values and gradients against the float64 reference
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("opts", OPTION_SETS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_integer_labels_match_reference(opts, reduction):
@@ -158,6 +159,7 @@ def _ce_by_autodiff(
     return per.sum() if reduction == "sum" else per.sum() / jnp.sum(jnp.where(valid, wy, 0))
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("opts", OPTION_SETS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_class_probabilities_match_reference(opts, reduction):
@@ -167,6 +169,7 @@ def test_class_probabilities_match_reference(opts, reduction):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("opts", OPTION_SETS[:4] + OPTION_SETS[-1:])
 def test_check_grads_order_2(opts):
     y = np.array([0, 1, 5, 3, 0, 5, 2, 2, 4])
@@ -174,6 +177,7 @@ def test_check_grads_order_2(opts):
     check_grads(jax.jit(lambda x, p: call_ce(x, p, opts)), (X, P), order=2, modes=("rev",))
 
 
+@pytest.mark.x64
 def test_hessian_through_forward_over_reverse():
     y = np.array([0, 1, 2])
     h = jax.jit(jax.hessian(lambda x: sj.cross_entropy(x, y)))(X[:3])
@@ -193,10 +197,12 @@ def test_low_precision_logits_give_float32_losses(dtype):
     assert sj.binary_cross_entropy(x, jnp.asarray(P).astype(dtype)).dtype == jnp.float32
 
 
+@pytest.mark.x64
 def test_float64_logits_give_float64_losses():
     assert sj.cross_entropy(X, Y, ignore_index=-100).dtype == jnp.float64
 
 
+@pytest.mark.x64
 def test_class_axis_other_than_last():
     x = RNG.standard_normal((4, 6, 3))  # PyTorch layout [N, C, d]
     y = RNG.integers(0, 6, (4, 3))
@@ -396,6 +402,7 @@ def test_matches_torch_bce_with_logits():
 # Binary cross-entropy
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_bce_matches_reference(reduction):
     t = RNG.random(X.shape)
@@ -422,6 +429,7 @@ def test_bce_is_stable_for_large_logits():
     np.testing.assert_allclose(grad, [-np.exp(-30.0), np.exp(-30.0), 1.0, -1.0], rtol=1e-6)
 
 
+@pytest.mark.x64
 def test_bce_where_and_all_masked():
     t = RNG.random(X.shape)
     where = RNG.random(X.shape) < 0.5

@@ -56,6 +56,7 @@ def arrays(dtype, **kw):
 # two_sum: error-free
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @given(data=st.data())
 def test_two_sum_is_error_free(dtype, data):
@@ -96,6 +97,7 @@ def shifted_logits(draw, dtype):
     return hi, lo, t
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @given(data=st.data())
 def test_divide_compensated_is_accurate_far_below_one_ulp(dtype, data):

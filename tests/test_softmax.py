@@ -110,6 +110,7 @@ def test_no_overflow_for_any_finite_input():
     np.testing.assert_allclose(sj.logsumexp(x, axis=-1), big, rtol=1e-7)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("top", [-1e37, -1e38, -3e38, 0.0, 3e38])
 def test_minus_inf_entries_drop_out_at_any_shift(top, dtype):
@@ -172,6 +173,7 @@ def test_low_precision_rounded_once_within_1_ulp(dtype, scale):
     assert ulp_error(lse, ref_logsumexp(x64), dtype) <= 1.0
 
 
+@pytest.mark.x64
 def test_flat_float16_row_does_not_overflow():
     x = jnp.zeros((65536,), jnp.float16)
     np.testing.assert_allclose(
@@ -219,6 +221,7 @@ def test_masked_entries_are_exactly_zero_and_minus_inf():
     np.testing.assert_allclose(sj.logsumexp(x, where=where, axis=-1), ref_logsumexp(x, where=where))
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("transform", ["plain", "jit", "vmap"])
 def test_empty_rows_give_zeros_and_minus_inf_never_nan(transform):
     x, where = _empty_row_cases()
@@ -285,6 +288,7 @@ def test_nan_stays_in_its_row():
     assert np.isnan(lse[0]) and np.isfinite(lse[1])
 
 
+@pytest.mark.x64
 @given(
     x=hnp.arrays(np.float64, (4, 9), elements=st.floats(-50, 50)),
     where=hnp.arrays(np.bool_, (4, 9)),
@@ -310,6 +314,7 @@ def test_where_equals_filtering(x, where):
 # Invariants
 
 
+@pytest.mark.x64
 @given(
     x=hnp.arrays(np.float64, (3, 11), elements=st.floats(-100, 100)),
     c=st.floats(-1e3, 1e3),
@@ -324,6 +329,7 @@ def test_shift_invariance_and_sums_to_one(x, c):
     )
 
 
+@pytest.mark.x64
 @given(x=hnp.arrays(np.float64, (2, 7), elements=st.floats(-20, 20)))
 @settings(max_examples=20, deadline=None)
 def test_temperature_one_equals_plain(x):
@@ -333,6 +339,7 @@ def test_temperature_one_equals_plain(x):
     )
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("axis", [0, 1, -1, (0, 2), (1, 2), None])
 def test_axes_against_reference(axis):
     x = logits((3, 4, 5), 3.0, dtype=np.float64)
@@ -344,6 +351,7 @@ def test_axes_against_reference(axis):
     assert kept.shape == np.sum(x, axis=np_axis, keepdims=True).shape
 
 
+@pytest.mark.x64
 def test_per_row_temperature():
     x = logits((3, 6), 2.0, dtype=np.float64)
     t = np.array([[0.5], [1.0], [3.0]])
@@ -357,6 +365,7 @@ def test_per_row_temperature():
 # Gradients
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
 def test_check_grads_order_2_with_temperature(fn):
     f = getattr(sj, fn)
@@ -375,6 +384,7 @@ def test_check_grads_logsumexp_order_2():
     check_grads(jax.jit(lambda x: sj.logsumexp(x, axis=(0, 1))), (x,), order=2)
 
 
+@pytest.mark.x64
 def test_gradients_match_jax_nn_on_regular_rows():
     x = jnp.asarray(logits((4, 6), 3.0, dtype=np.float64))
     v = jnp.asarray(logits((4, 6), 1.0, seed=5, dtype=np.float64))
@@ -397,6 +407,7 @@ def test_softmax_saves_only_its_output():
     assert len(big) == 1, [r.shape for r in residuals]
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_grad_of_log_softmax_matches_reference(dtype):
     x = logits((5, 7), 2.0, dtype=np.dtype(dtype))
@@ -413,6 +424,7 @@ def test_grad_of_log_softmax_matches_reference(dtype):
 F32 = jnp.float32
 
 
+@pytest.mark.x64
 def test_logsumexp_takes_jax_nn_calls():
     rng = np.random.default_rng(3)
     a = jnp.asarray(rng.normal(size=(3, 5)) * 4)
@@ -443,6 +455,7 @@ def test_logsumexp_zero_weights_are_excluded_from_the_shift():
     assert float(sj.logsumexp(a, b=b)) == 0.0
 
 
+@pytest.mark.x64
 def test_logsumexp_weights_gradients_match_jax_nn():
     rng = np.random.default_rng(5)
     a = jnp.asarray(rng.normal(size=(4, 6)))

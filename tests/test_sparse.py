@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tol
+from _tolerances import tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
@@ -64,6 +64,7 @@ def test_sparsemax_known_values_and_jacobian():
     np.testing.assert_allclose(jac, [[0.5, -0.5, 0], [-0.5, 0.5, 0], [0, 0, 0]], atol=1e-7)
 
 
+@pytest.mark.x64
 def test_entmax15_known_values_and_jacobian():
     # Support {0, 1}: (0.5 - tau)^2 + (0.4 - tau)^2 = 1.
     tau = 0.45 - np.sqrt((1 - 2 * (0.205 - 0.45**2)) / 2)
@@ -75,6 +76,7 @@ def test_entmax15_known_values_and_jacobian():
     np.testing.assert_allclose(jax.jacobian(entmax15)(x), jac_want, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.x64
 @FNS
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.bfloat16])
 def test_matches_float64_reference(fn, dtype):
@@ -86,6 +88,7 @@ def test_matches_float64_reference(fn, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol(dtype), atol=atol)
 
 
+@pytest.mark.x64
 @FNS
 def test_large_and_shifted_inputs(fn):
     x = np.random.default_rng(1).normal(size=(4, 30))
@@ -94,6 +97,7 @@ def test_large_and_shifted_inputs(fn):
         np.testing.assert_allclose(got, rows_ref(fn, x), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.x64
 @FNS
 def test_check_grads(fn):
     x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 9)), jnp.float64)
@@ -103,6 +107,7 @@ def test_check_grads(fn):
         check_grads(fn, (x,), order=2, modes=("rev",))
 
 
+@pytest.mark.x64
 @FNS
 def test_where_equals_filtering(fn):
     x = np.random.default_rng(4).normal(size=(5, 12))
@@ -114,6 +119,7 @@ def test_where_equals_filtering(fn):
         np.testing.assert_array_equal(got[i][~w[i]], 0.0)
 
 
+@pytest.mark.x64
 @FNS
 def test_axis_and_tuple_axes(fn):
     x = jnp.asarray(np.random.default_rng(6).normal(size=(3, 7, 4)))
@@ -154,6 +160,7 @@ def test_exported_and_validated():
         entmax15(jnp.zeros((2, 3)), axis=3)
 
 
+@pytest.mark.x64
 @settings(max_examples=15, deadline=None)
 @given(
     st.lists(st.floats(-20, 20), min_size=1, max_size=12),

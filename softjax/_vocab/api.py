@@ -396,6 +396,8 @@ def linear_cross_entropy(
     float32 ``dw``-sized buffer.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> import softjax
       >>> x = jnp.ones((4, 8)); w = jnp.ones((10, 8)) / 8
       >>> softjax.linear_cross_entropy(x, w, jnp.array([0, 1, 2, 3]))
       Array(2.3025851, dtype=float32)
@@ -436,5 +438,13 @@ def linear_cross_entropy(
     )
     x2 = x.astype(mm_dtype).reshape(n, x.shape[-1])
     args = (x2, w.astype(mm_dtype), labels.reshape(n), valid.reshape(n), class_weight, opts)
-    out = impl.fn(*args, cfg, reduction)
+    out = _run(impl.fn, cfg, reduction, *args)
     return out.reshape(batch_shape) if reduction == "none" else out
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _run(fn, cfg: Config, reduction: str, *args):
+    """``fn(*args, cfg, reduction)`` under one ``jit``: the streaming loops are built once
+    per shape and option set, so an eager call (a notebook, a script) reuses the compiled
+    executable instead of tracing and compiling its loops again on every call."""
+    return fn(*args, cfg, reduction)
