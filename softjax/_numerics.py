@@ -271,14 +271,64 @@ def exp_compensated(hi: jax.Array, lo: jax.Array) -> jax.Array:
     return e + e * lo
 
 
-def compensated_sum(e: jax.Array, axes: Axes, partials: int = 512) -> jax.Array:
+def compensated_sum(e: jax.Array, axes: Axes) -> jax.Array:
     """Sum over ``axes`` (dims kept) with an error below one ulp of the result.
 
     A plain float32 reduction of 32k terms is off by ~2 ulp, and that error lands on every
-    probability of the row. Here the row is first folded into ``partials`` strided partial
-    sums (each ~1/partials of the total, so their rounding errors are small in absolute
-    terms), and those are added pairwise with TwoSum, carrying every rounding error along,
-    so the largest additions are exact. The extra work is on ``partials`` numbers a row.
+    probability of the row. Two forms with that accuracy, chosen when lowering: on CPU
+    :func:`folded_sum` (a plain reduction XLA:CPU vectorises, then TwoSum on 512 partial
+    sums a row), elsewhere :func:`streaming_sum` (one variadic reduction carrying the
+    rounding errors). The folded form's strided reshape is free on CPU and GPU, but a TPU
+    stores arrays in (8, 128) tiles, where it is a relayout: XLA:TPU wrote the float32
+    exponentials of a bf16 ``[8192, 131072]`` softmax out twice (8 GiB of temp, 3x the
+    bytes of ``jax.nn.softmax``) to make it; the streaming form reads ``x`` as jax.nn does.
+
+    Its derivative is the plain sum of the tangents (the sum is linear; the compensation
+    only refines the rounding), which also keeps the platform choice out of reverse-mode
+    transposition.
+    """
+    return _compensated_sum(e, tuple(axes))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _compensated_sum(e, axes):
+    return lax.platform_dependent(
+        e, cpu=partial(folded_sum, axes=axes), default=partial(streaming_sum, axes=axes)
+    )
+
+
+@_compensated_sum.defjvp
+def _compensated_sum_jvp(axes, primals, tangents):
+    (e,), (e_dot,) = primals, tangents
+    return _compensated_sum(e, axes), jnp.sum(e_dot, axis=axes, keepdims=True)
+
+
+def streaming_sum(e: jax.Array, axes: Axes) -> jax.Array:
+    """Sum over ``axes`` (dims kept) as one reduction of ``(sum, error)`` pairs.
+
+    The reducer adds two partial sums with TwoSum and carries the rounding error in the
+    second component: ``(s1, c1) + (s2, c2) = (s1 (+) s2, c1 + c2 + err)``. The result
+    ``s + c`` is off by the final rounding plus the rounding of the carried errors (of
+    order ``n * eps`` relative to the error, negligible), in whatever order XLA reduces.
+    """
+
+    def add(a, b):
+        (s1, c1), (s2, c2) = a, b
+        s, err = two_sum(s1, s2)  # err 0 where s overflows, so an infinite sum stays inf
+        return s, c1 + c2 + err
+
+    zero = jnp.zeros((), e.dtype)
+    s, c = lax.reduce((e, jnp.zeros_like(e)), (zero, zero), add, tuple(axes))
+    return jnp.expand_dims(s + c, tuple(axes))
+
+
+def folded_sum(e: jax.Array, axes: Axes, partials: int = 512) -> jax.Array:
+    """Sum over ``axes`` (dims kept): ``partials`` strided partial sums, then TwoSum.
+
+    The row is first folded into ``partials`` strided partial sums (each ~1/partials of the
+    total, so their rounding errors are small in absolute terms), and those are added
+    pairwise with TwoSum, carrying every rounding error along, so the largest additions
+    are exact. The extra work is on ``partials`` numbers a row.
     """
     keep = [a for a in range(e.ndim) if a not in axes]
     lead = tuple(e.shape[a] for a in keep)
