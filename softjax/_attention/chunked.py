@@ -259,12 +259,35 @@ def _add_bias_grad(dbias, ds, t0, s0):
     return lax.dynamic_update_slice(dbias, old + contrib, at)
 
 
+def _tile_grads(spec, masks: Masks, qb, dob, bias_b, kb, vb, lse_b, delta_b, t0, s0, masked):
+    """The gradients of one (query block, key block) tile, recomputing its scores.
+
+    With ``p = exp(s - lse)``, ``dp = dO V^T`` and ``ds = p (dp - delta)`` (the gradient of
+    the scores, before the soft-cap: what a bias receives): ``dV = p_drop^T dO``, and with
+    ``dz`` = ``ds`` through the soft-cap, ``dK = dz^T Q`` and ``dQ = dz K``. Blocks are
+    ``[B, K, rows, G, H]`` (``kb``/``vb`` ``[B, K, bk, H]``); returns ``(dq, dk, dv, ds)``.
+    """
+    b_, k_, bq, g_, h = qb.shape
+    bk, hv = kb.shape[2], vb.shape[-1]
+    bkg = b_ * k_
+    raw, s = _transposed_scores(spec, masks, kb, qb, bias_b, t0, s0, masked)
+    p = jnp.exp(s - lse_b)
+    dob2 = dob.reshape(bkg, bq * g_, hv)
+    dp = _dot(vb.reshape(bkg, bk, hv), dob2, ((2,), (2,))).reshape(p.shape)
+    p_drop, dp = _dropped(spec, masks, p, dp, t0, s0)
+    dv = _dot(p_drop.reshape(bkg, bk, bq * g_), dob2, ((2,), (1,))).reshape(vb.shape)
+    ds = p * (dp - delta_b)
+    dz = nx.softcap_grad(raw, masks.softcap, ds).reshape(bkg, bk, bq * g_)
+    dk = _dot(dz, qb.reshape(bkg, bq * g_, h), ((2,), (1,))).reshape(kb.shape)
+    dq = _dot(dz, kb.reshape(bkg, bk, h), ((1,), (1,))).reshape(qb.shape)
+    return dq, dk, dv, ds
+
+
 def _backward(plan: Plan, q, k, v, bias, masks: Masks, out, lse, d_out, d_lse):
     spec, bq, bk = plan.spec, plan.bq, plan.bk
-    b_, k_, t_len, g_, h = q.shape
+    b_, k_, t_len, _, h = q.shape
     s_len = k.shape[2]
     hv = v.shape[-1]
-    bkg = b_ * k_
     nq_live, nk_live = _block_limits(plan, masks, t_len, s_len)
     qlo, qflo, qfhi, qhi = _table(plan.q_ranges, nq_live)
     delta = jnp.sum(d_out * out, axis=-1)
@@ -284,29 +307,18 @@ def _backward(plan: Plan, q, k, v, bias, masks: Masks, out, lse, d_out, d_lse):
             def step(i, state):
                 dq, dbias, dk, dv = state
                 t0 = i * bq
-                qb = lax.dynamic_slice_in_dim(q, t0, bq, axis=2)
-                dob = lax.dynamic_slice_in_dim(d_out, t0, bq, axis=2)
-                bias_b = _slice(bias_cols, t0, bq, 2)
-                raw, s = _transposed_scores(spec, masks, kb, qb, bias_b, t0, s0, masked)
-                lse_b = lax.dynamic_slice_in_dim(lse, t0, bq, axis=2)[:, :, None]
-                delta_b = lax.dynamic_slice_in_dim(delta, t0, bq, axis=2)[:, :, None]
-                p = jnp.exp(s - lse_b)
-                dob2 = dob.reshape(bkg, bq * g_, hv)
-                dp = _dot(vb.reshape(bkg, bk, hv), dob2, ((2,), (2,))).reshape(p.shape)
-                p_drop, dp = _dropped(spec, masks, p, dp, t0, s0)
-                dv = dv + _dot(p_drop.reshape(bkg, bk, bq * g_), dob2, ((2,), (1,))).reshape(
-                    dv.shape
+                qb, dob, lse_b, delta_b = (
+                    lax.dynamic_slice_in_dim(a, t0, bq, axis=2) for a in (q, d_out, lse, delta)
                 )
-                ds = p * (dp - delta_b)
+                bias_b = _slice(bias_cols, t0, bq, 2)
+                # lse and delta [B, K, bq, G] broadcast against the [B, K, bk, bq, G] scores.
+                tile = (qb, dob, bias_b, kb, vb, lse_b[:, :, None], delta_b[:, :, None])
+                dq_b, dk_b, dv_b, ds = _tile_grads(spec, masks, *tile, t0, s0, masked)
                 if dbias is not None:
                     dbias = _add_bias_grad(dbias, ds, t0, s0)
-                ds = nx.softcap_grad(raw, masks.softcap, ds)
-                ds = ds.reshape(bkg, bk, bq * g_)
-                dk = dk + _dot(ds, qb.reshape(bkg, bq * g_, h), ((2,), (1,))).reshape(dk.shape)
-                dq_b = _dot(ds, kb.reshape(bkg, bk, h), ((1,), (1,))).reshape(qb.shape)
                 old = lax.dynamic_slice_in_dim(dq, t0, bq, axis=2)
                 dq = lax.dynamic_update_slice_in_dim(dq, old + dq_b, t0, axis=2)
-                return dq, dbias, dk, dv
+                return dq, dbias, dk + dk_b, dv + dv_b
 
             return step
 
