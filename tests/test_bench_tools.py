@@ -5,6 +5,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from bench import device_check, hlo_bytes
@@ -160,3 +161,19 @@ def test_readme_table_is_rewritten_between_its_markers_from_the_json():
         readme.rewrite("no markers", "x")
     text = readme.README.read_text()
     assert text.count(readme.BEGIN) == 1 and text.count(readme.END) == 1
+
+
+def test_bench_error_column_measures_ulps_as_the_tests_do():
+    # The bench's *_err column and the tests' bounds are two copies of one measure (bench/
+    # must not import tests/, nor the reverse): they must agree, entry rule included.
+    from _tolerances import ulp_error as tests_ulp_error
+
+    from bench.harness import ulp_error as bench_ulp_error
+
+    rng = np.random.default_rng(3)
+    ref = np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-6, 4, 500),
+                          [0.0, np.inf, -np.inf, 1e-45]])  # fmt: skip
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        out = jnp.asarray(ref, dtype)
+        ours, theirs = bench_ulp_error(out, ref, dtype), tests_ulp_error(out, ref, dtype)
+        assert ours == theirs and 0 < ours <= 0.5, (dtype, ours, theirs)
