@@ -58,7 +58,10 @@ class RowStats(NamedTuple):
 
 
 def row_stats(z: jax.Array, cap) -> RowStats:
-    """The :class:`RowStats` of compute-dtype logits ``z`` over their last axis.
+    """The :class:`RowStats` of logits ``z`` over their last axis, in the compute dtype.
+
+    ``z`` is in its compute dtype, or (uncapped) in a lower precision, which the passes
+    then read as it is (each converting its own, see ``softjax._numerics.upcast_for_pass``).
 
     ``cap`` is the soft-cap ``z`` was computed with (None: the raw logits); it is required
     so that no caller can get the following wrong. Soft-capped logits are an expression of
@@ -73,7 +76,7 @@ def row_stats(z: jax.Array, cap) -> RowStats:
         log_norm = jnp.log(jnp.sum(jnp.exp(s.x - s.shift), axis=-1, keepdims=True))
         log_norm = jnp.where(s.empty, 0.0, log_norm)
     else:
-        log_norm = nx.log_normalizer(s.x, s.shift, (z.ndim - 1,))
+        log_norm = nx.log_normalizer(s.native, s.shift, (z.ndim - 1,))
     return RowStats(s.shift, log_norm, s.offset)
 
 
@@ -239,7 +242,7 @@ def int_label_losses(logits, labels, valid, class_weight, opts: Options, smoothi
 def _int_label_parts(logits, labels, valid, class_weight, opts, smoothing):
     """Per-row losses, and what their gradient needs: the capped logits, stats, terms."""
     z = nx.softcap(nx.upcast(logits), opts.softcap)
-    stats = row_stats(z, opts.softcap)
+    stats = row_stats(logits if opts.softcap is None else z, opts.softcap)
     terms = label_terms(
         labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
     )
@@ -287,7 +290,7 @@ def _soft_label_losses(logits, labels, valid, class_weight, opts: Options):
 def _soft_label_parts(logits, labels, valid, class_weight, opts):
     """Per-row losses, weighted targets ``w_c y_c``, ``-log p`` and the row statistics."""
     z = nx.softcap(nx.upcast(logits), opts.softcap)
-    stats = row_stats(z, opts.softcap)
+    stats = row_stats(logits if opts.softcap is None else z, opts.softcap)
     y = _soft_targets(nx.upcast(labels), opts, z.shape[-1])
     wy = y if class_weight is None else y * class_weight
     n = restore_infinite(neg_log_probs(z, stats), z, stats)

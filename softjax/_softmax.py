@@ -131,9 +131,9 @@ def softmax(
 
 
 def _log_softmax_value(x, where, t, axes):
-    s = nx.shift_rows(nx.upcast(x), axes, where, _compute_t(t, x.dtype))
+    s = nx.shift_rows(x, axes, where, _compute_t(t, x.dtype))
     if t is None:
-        log_norm = nx.log_normalizer(s.x, s.shift, axes)
+        log_norm = nx.log_normalizer(s.native, s.shift, axes)
     else:
         log_norm = nx.log_normalizer(s.hi, jnp.zeros_like(s.shift), axes, s.lo)
     if t is None:
@@ -215,9 +215,9 @@ def logsumexp_with_probs(x, axes, where):
 
     Shared with the losses, which need both. Empty rows give ``(-inf, 0)``.
     """
-    s = nx.shift_rows(nx.upcast(x), axes, where)
+    s = nx.shift_rows(x, axes, where)
     e = nx.exp_compensated(s.hi, s.lo)
-    log_norm = nx.log_normalizer(s.x, s.shift, axes)
+    log_norm = nx.log_normalizer(s.native, s.shift, axes)
     lse = jnp.where(s.empty, -jnp.inf, s.shift + log_norm) + s.offset
     p = nx.safe_divide(e, nx.compensated_sum(e, axes))
     return lse, p

@@ -446,6 +446,10 @@ def test_bce_where_and_all_masked():
     np.testing.assert_array_equal(grad, 0.0)
 
 
+@pytest.mark.x64
 def test_bce_check_grads():
-    t = RNG.random(X.shape)
+    # float64, as every finite-difference check of order 2 here, and targets of its own: in
+    # float32, with targets drawn from the module's shared generator (so depending on which
+    # tests ran before it in the process), the second-order check failed for some draws.
+    t = np.random.default_rng(449).random(X.shape)
     check_grads(jax.jit(lambda x: sj.binary_cross_entropy(x, t, pos_weight=W)), (X,), order=2)
