@@ -246,8 +246,11 @@ def _int_label_parts(logits, labels, valid, class_weight, opts, smoothing):
     terms = label_terms(
         labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
     )
+    # The loss reads the logits by a pass of its own (the target gather, and the smoothing
+    # term), so that the gradient's pass over z fuses its own conversion of them.
+    zl = z if opts.softcap is not None else nx.upcast_for_pass(logits, 3)
     # Excluded rows contribute exactly 0, whatever their logits hold (NaN included).
-    out = jnp.where(valid, row_losses(z, labels, terms, class_weight, stats, smoothing), 0.0)
+    out = jnp.where(valid, row_losses(zl, labels, terms, class_weight, stats, smoothing), 0.0)
     return out, z, stats, terms
 
 

@@ -346,6 +346,7 @@ def test_integer_path_builds_no_one_hot():
 # PyTorch, when installed
 
 
+@pytest.mark.x64  # float64 against torch's float64, to 1e-12
 def test_matches_torch_cross_entropy():
     torch = pytest.importorskip("torch")
     f = torch.nn.functional.cross_entropy
@@ -382,6 +383,7 @@ def test_matches_torch_cross_entropy():
             )
 
 
+@pytest.mark.x64  # float64 against torch's float64, to 1e-12
 def test_matches_torch_bce_with_logits():
     torch = pytest.importorskip("torch")
     t = RNG.random(X.shape)
