@@ -202,7 +202,15 @@ def _reduced_loss_fwd(x, w, labels, valid, class_weight, opts, cfg, reduction):
     terms = _terms(labels, valid, class_weight, opts, cfg, w.shape[0], dtype)
     block = chunked.default_single_pass_block(x.shape[0], w.shape[0])
     losses, dx, dw = chunked.single_pass(
-        x, w, labels, valid, terms, class_weight, opts.softcap, block_n=block
+        x,
+        w,
+        labels,
+        valid,
+        terms,
+        class_weight,
+        opts.softcap,
+        block_n=block,
+        smoothing=cfg.smoothing,
     )
     out, scale = _reduce(losses, labels, valid, class_weight, cfg, reduction, w.shape[0])
     return out, (dx, dw, scale, class_weight, opts)

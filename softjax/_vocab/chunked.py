@@ -301,7 +301,7 @@ def default_single_pass_block(num_rows: int, num_classes: int) -> int:
     return max(1, min(num_rows, b))
 
 
-def single_pass(x, w, labels, row_ok, terms, class_weight, cap, *, block_n: int):
+def single_pass(x, w, labels, row_ok, terms, class_weight, cap, *, block_n: int, smoothing: bool):
     """Per-row losses ``[N]``, ``dx`` ``[N, D]`` and ``dw`` ``[V, D]`` (float32) for ``g = 1``.
 
     Token chunks of ``Bn`` rows see the whole vocabulary at once (``[Bn, V]`` logits, with
@@ -310,7 +310,8 @@ def single_pass(x, w, labels, row_ok, terms, class_weight, cap, *, block_n: int)
     ``row_loss_grads``) and each logit is computed once: three matmuls in all, as the
     materialising path, instead of four. ``dw`` accumulates across chunks in the carry,
     which is why this path serves float32 (and float64) weights only: for them the float32
-    accumulator is the gradient itself.
+    accumulator is the gradient itself. ``smoothing=False`` (label smoothing a literal 0)
+    skips the pass over all classes that only the smoothing term needs.
     """
     n, dim = x.shape
     v = w.shape[0]
@@ -329,7 +330,7 @@ def single_pass(x, w, labels, row_ok, terms, class_weight, cap, *, block_n: int)
         tm = jax.tree.map(lambda c: jnp.where(r_ok, c, 0.0), tm)
         raw, z = block_logits(x_blk, w, cap, dtype)
         stats = _losses.row_stats(z, cap)
-        blk_loss = _losses.row_losses(z, lab, tm, class_weight, stats)
+        blk_loss = _losses.row_losses(z, lab, tm, class_weight, stats, smoothing)
         g = jnp.ones((bn,), dtype)
         dz = _losses.row_loss_grads(z, lab, tm, class_weight, stats, g)
         dz = nx.softcap_grad(raw, cap, dz)
