@@ -140,23 +140,32 @@ def label_terms(labels, valid, label_weight, num_classes: int, opts: Options) ->
     return LabelTerms(nll, smooth, zl)
 
 
-def row_losses(z, labels, terms: LabelTerms, class_weight, stats: RowStats, smoothing=True):
+def row_losses(
+    z, labels, terms: LabelTerms, class_weight, stats: RowStats, smoothing=True, classes=None
+):
     """Integer-label per-row losses from capped logits ``z`` [..., C] (compute dtype).
 
     ``smoothing=False`` (static: label smoothing known to be 0) skips the pass over all
-    classes that only the smoothing term needs.
+    classes that only the smoothing term needs; ``classes`` (default ``z``) are the same
+    logits as read by that pass, a conversion of its own for low-precision logits
+    (``softjax._numerics.upcast_for_pass``).
     """
     z_y = jnp.take_along_axis(z, _safe_index(labels, z.shape[-1])[..., None], axis=-1)
     # From the target logit alone: no [..., C] pass.
     n_y = restore_infinite(neg_log_probs(z_y, stats), z_y, stats)[..., 0]
     smooth = jnp.zeros_like(n_y)
     if smoothing:
-        n = neg_log_probs(z, stats)
-        smooth = jnp.sum(n if class_weight is None else n * class_weight, axis=-1)
+        w_sum = z.shape[-1] if class_weight is None else jnp.sum(class_weight)
+        # sum_c w_c (-log p_c) = sum_c w_c (shift - z_c) + sum(w) log_norm: every term is
+        # non-negative (no cancellation, as summing the -log p_c themselves), a -inf logit
+        # gives +inf, and the pass is one subtraction a class (it fuses with its sum, where
+        # a compensated -log p_c, with its guard against infinities, was materialised).
+        d = stats.shift - (z if classes is None else classes)
+        smooth = jnp.sum(d if class_weight is None else d * class_weight, axis=-1)
+        smooth = smooth + w_sum * stats.log_norm[..., 0]
         # A row holding +inf at k of its C classes (log_norm = log k): every other class has
         # -log p = +inf. Decided per row, so that the pass above stays select-free.
         log_k = stats.log_norm[..., 0]
-        w_sum = z.shape[-1] if class_weight is None else jnp.sum(class_weight)
         all_inf = jnp.where(log_k < np.log(z.shape[-1] - 0.5), jnp.inf, w_sum * log_k)
         smooth = jnp.where((stats.offset == jnp.inf)[..., 0], all_inf, smooth)
     return combine_row_terms(terms, n_y, smooth, (stats.lse + stats.offset)[..., 0])
@@ -246,11 +255,15 @@ def _int_label_parts(logits, labels, valid, class_weight, opts, smoothing):
     terms = label_terms(
         labels, valid, _label_weight(class_weight, labels, z.dtype), z.shape[-1], opts
     )
-    # The loss reads the logits by a pass of its own (the target gather, and the smoothing
-    # term), so that the gradient's pass over z fuses its own conversion of them.
-    zl = z if opts.softcap is not None else nx.upcast_for_pass(logits, 3)
+    # Uncapped, the target gather and the smoothing term each read the logits by a pass of
+    # their own, so that every pass (the gradient's over z included) fuses its conversion.
+    zl, zc = z, None
+    if opts.softcap is None:
+        zl = nx.upcast_for_pass(logits, 3)
+        zc = nx.upcast_for_pass(logits, 4) if smoothing else None
+    losses = row_losses(zl, labels, terms, class_weight, stats, smoothing, classes=zc)
     # Excluded rows contribute exactly 0, whatever their logits hold (NaN included).
-    out = jnp.where(valid, row_losses(zl, labels, terms, class_weight, stats, smoothing), 0.0)
+    out = jnp.where(valid, losses, 0.0)
     return out, z, stats, terms
 
 
