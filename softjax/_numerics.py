@@ -413,29 +413,34 @@ def _log_normalizer(z, shift, lo, axes):
     # or shared broadcast in a reduction's input makes XLA materialise that input at full
     # size, where arithmetic alone fuses into a single streaming pass.
     big = 2.0 / float(jnp.finfo(dtype).tiny)  # turns any non-zero difference into >= 2
+    largest = jnp.finfo(dtype).max
     c_hi, c_lo = two_sum(shift, jnp.asarray(-LIFT, dtype))
-    # Clamped below so that -inf entries give exp(-huge) == 0 rather than NaN through TwoSum,
-    # and above so that the +inf entries of a row shifted by the largest float (rule 5) count
-    # as its maximum: this clamp is local to the ``rest`` sum, the input stays unchanged. The
-    # floor (per row) lies at least 1e30 below the shift, or twice as far from 0 where
-    # subtracting 1e30 would round back to the shift itself (|shift| > ~8e36), and never
-    # below the largest negative float; only a shift of exactly -max has no floor below it.
-    zc = jnp.minimum(z, jnp.finfo(dtype).max)
-    floor = jnp.maximum(2.0 * jnp.minimum(c_hi, 0.0) - 1e30, -jnp.finfo(dtype).max)
-    s, err = _two_sum_unguarded(jnp.maximum(zc, floor), -c_hi)
+    # Clamped below so that -inf entries give exp(-huge) == 0 rather than NaN through TwoSum
+    # (the clamp is local to the ``rest`` sum, the input stays unchanged). The floor (per
+    # row) lies at least 1e30 below the shift, or twice as far from 0 where subtracting 1e30
+    # would round back to the shift itself (|shift| > ~8e36), and never below the largest
+    # negative float; only a shift of exactly -max has no floor below it.
+    floor = jnp.maximum(2.0 * jnp.minimum(c_hi, 0.0) - 1e30, -largest)
+    s, err = _two_sum_unguarded(jnp.maximum(z, floor), -c_hi)
     if lo is not None:
         err = err + lo
     e = jnp.exp(s)
-    e = e + e * (err - c_lo)
-    not_max = jnp.minimum(1.0, (zc + (-shift)) * -big)  # 0 at the maximum, else 1
-    rest = jnp.sum(e * not_max, axis=axes, keepdims=True)
-    # 2 - min(2, (shift - min(z, shift)) * big) is 2 at the maximum (and at +inf, rule 5)
-    # and 0 elsewhere (its constants differ from not_max's on purpose: a broadcast shared by the
-    # two reductions is materialised).
-    top = lax.optimization_barrier(shift)  # not merged with a caller's broadcast of shift
-    at_max = 2.0 - jnp.minimum(2.0, (top - jnp.minimum(z_count, top)) * big)
-    count = jnp.sum(at_max, axis=axes, keepdims=True) * 0.5
+    not_max = jnp.minimum(1.0, (z + (-shift)) * -big)  # 0 at the maximum, else 1
+    # exp(z - c_hi - c_lo) = exp(s + err) exp(-c_lo): the row's c_lo is applied once, after
+    # the sum (exactly, where a shift beyond ~2**29 leaves all of LIFT in c_lo).
+    rest = jnp.sum((e + e * err) * not_max, axis=axes, keepdims=True) * jnp.exp(-c_lo)
+    # 2 below the maximum (and at -inf), 0 at it and at the +inf entries of a row shifted by
+    # the largest float (rule 5). Arithmetic only, with constants of its own (a broadcast
+    # shared with the ``rest`` pass, or a clamp, would be materialised at full size), and its
+    # shift goes through a barrier so as not to share a caller's broadcast of it either.
+    top = lax.optimization_barrier(shift)
+    below = jnp.minimum(2.0, (top - jnp.minimum(z_count, top)) * big)
+    size = math.prod(z.shape[a] for a in axes)
+    count = size - jnp.sum(below, axis=axes, keepdims=True) * 0.5
     log_sum = jnp.log1p(rest * math.exp(-LIFT) + (count - 1))
+    # Rule 5: in a row holding +inf (shifted by the largest float) those entries made
+    # ``rest`` NaN; they share the mass, the row's finite entries lie infinitely far below.
+    log_sum = jnp.where(shift == largest, jnp.log(count), log_sum)
     return jnp.where(count == 0, jnp.zeros_like(log_sum), log_sum)
 
 

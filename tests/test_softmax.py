@@ -159,6 +159,20 @@ def test_dominant_class_log_probability_keeps_relative_accuracy():
     np.testing.assert_allclose(got, want, rtol=4 * 2.0**-23)
 
 
+@pytest.mark.parametrize("top", [1e9, -1e9, 7e8])
+def test_dominant_class_log_probability_at_huge_logits(top):
+    # Beyond ~2**29 the shift's lift (shift - 32) is not a float: all of it lands in the
+    # shift's rounding error, which must scale the sum as exp(-c_lo), not as 1 - c_lo.
+    x = jnp.asarray([top, top, top], jnp.float32)
+    gap = np.float64(np.spacing(np.float32(abs(top))))
+    x = x - jnp.asarray([0.0, gap, 2 * gap], jnp.float32)
+    want = -np.log1p(np.exp(-gap) + np.exp(-2 * gap))
+    got = sj.log_softmax(x)
+    np.testing.assert_allclose(float(got[0]), want, rtol=4 * 2.0**-23)
+    loss = sj.cross_entropy(x[None], jnp.array([0]))
+    np.testing.assert_allclose(float(loss), -want, rtol=4 * 2.0**-23)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("scale", [1.0, 10.0])
 def test_low_precision_rounded_once_within_1_ulp(dtype, scale):
