@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 import platform
 import sys
 import time
@@ -125,6 +126,29 @@ def machine() -> str:
     )
 
 
+def commit() -> str | None:
+    """The checkout's commit (short hash), with ``+changes`` if tracked files differ from it;
+    None outside a git checkout."""
+    import subprocess
+
+    here = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def parser() -> argparse.ArgumentParser:
     columns = "\n".join(f"  {name:<12} {text}" for name, text in COLUMNS.items())
     p = argparse.ArgumentParser(
@@ -151,7 +175,8 @@ def main(argv=None) -> int:
     if unknown:
         cli.error(f"unknown --only {unknown}; choose from {MODULES}")
     tier = "quick" if args.quick else "full" if args.full else "default"
-    print(f"# softjax bench ({tier} sizes) on {machine()}", flush=True)
+    code = commit()
+    print(f"# softjax bench ({tier} sizes) on {machine()}, commit {code}", flush=True)
     all_rows, start = [], time.perf_counter()
     total = sum(WEIGHTS[n] for n in names)
     done = 0.0
@@ -182,7 +207,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
-            run = {"machine": machine(), "command": command, "tier": tier}
+            run = {"machine": machine(), "command": command, "tier": tier, "commit": code}
             run["seconds"] = round(time.perf_counter() - start)
             json.dump({**run, "rows": all_rows}, f, indent=1)
         print(f"wrote {args.json}")

@@ -32,8 +32,9 @@ def render(run: dict) -> str:
     rows = run["rows"]
     command = run.get("command", "python -m bench --full --json bench_out/bench.json")
     took = f", {run['seconds'] / 60:.0f} minutes" if "seconds" in run else ""
+    code = f" at commit {run['commit']}" if run.get("commit") else ""
     parts = [
-        f"From one run of `{command}` on {run['machine']}{took}; regenerate with "
+        f"From one run of `{command}` on {run['machine']}{code}{took}; regenerate with "
         "`python -m bench.readme bench_out/bench.json`.",
         "",
     ]

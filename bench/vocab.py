@@ -164,6 +164,52 @@ def time_rows(n, d, v, reps) -> list[dict]:
     return rows
 
 
+def reduction_rows(n, d, v, reps) -> list[dict]:
+    """fwd+bwd against the materialising path for the other reductions and bfloat16.
+
+    ``"none"`` is differentiated through a weighted sum of the per-token losses (a cotangent
+    that differs per token, as a masked or reweighted training loss has); ``"mean"`` in
+    float32 is :func:`time_rows`'s.
+    """
+    kx, kw, ky = jax.random.split(jax.random.key(1), 3)
+    x32 = jax.random.normal(kx, (n, d), jnp.float32)
+    w32 = jax.random.normal(kw, (v, d), jnp.float32) / np.sqrt(d)
+    y = jax.random.randint(ky, (n,), 0, v)
+    g = jnp.linspace(0.5, 1.5, n)
+    reduce = {"mean": jnp.mean, "sum": jnp.sum, "none": lambda losses: jnp.sum(losses * g)}
+
+    def naive_rows(x, w):
+        logits = jnp.einsum("nd,vd->nv", x, w, preferred_element_type=jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    rows = Rows()
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x, w = x32.astype(dtype), w32.astype(dtype)
+        for reduction, red in reduce.items():
+            if reduction == "mean" and dtype == jnp.float32:
+                continue
+
+            def ours(x, w, reduction=reduction, red=red):
+                out = softjax.linear_cross_entropy(x, w, y, reduction=reduction)
+                return red(out) if reduction == "none" else out
+
+            def peer(x, w, red=red):
+                return red(naive_rows(x, w))
+
+            fns = [jax.jit(jax.value_and_grad(f, (0, 1))) for f in (ours, peer)]
+            times = timings(fns, (x, w), reps=reps, warmup=1)
+            rows.append(
+                dict(
+                    op="linear_cross_entropy",
+                    case=f"fwd+bwd N={n} D={d} V={v} {reduction}",
+                    dtype=jnp.dtype(dtype).name,
+                    peer="x@w.T + optax",
+                    **ratio_columns(times[0], times[1]),
+                )
+            )
+    return rows
+
+
 def _compile_target(target, heads, impls) -> list[dict]:
     """``bench.deviceless`` rows for ``target`` (its own process: one TPU generation each)."""
     flags = [f for h in heads for f in ("--head", h)] + [f for i in impls for f in ("--impl", i)]
@@ -229,6 +275,8 @@ def run(args) -> list[dict]:
     reps = args.reps or tier(args, 2, 3, 3)
     rows = memory_rows(n, d, vs, jnp.bfloat16)
     rows += time_rows(tn, td, tv, reps)
+    if not args.quick:
+        rows += reduction_rows(tn, td, tv, reps)
     if not args.quick:
         # One head and target per chip family by default; every target with --full, every
         # head of the accelerator table with --large.

@@ -4,7 +4,9 @@ Every function in the softmax family goes through the same four steps, and this 
 the one place where they are spelled out:
 
 1. **Compute dtype.** Low-precision inputs (bf16, f16) are upcast to float32 for all of the
-   arithmetic and rounded once at the end; float64 stays float64.
+   arithmetic and rounded once at the end; float64 stays float64. The row maximum is taken
+   in the input's own dtype (exact), and each other full-size pass converts the input
+   itself (:func:`upcast_for_pass`), so no float32 copy of it is ever kept.
 2. **Masking before the max.** Excluded entries (``where=False``) become ``-inf`` before the
    row maximum is taken, so they can never dominate it.
 3. **A stable, compensated shift.** The row maximum ``m`` is subtracted (under

@@ -1,5 +1,6 @@
 """The measuring tools of the bench: HBM bytes from compiled HLO, and the device check."""
 
+import pathlib
 import re
 import time
 
@@ -157,6 +158,8 @@ def test_readme_table_is_rewritten_between_its_markers_from_the_json():
     losses = once.split("`losses`")[1].split("`vocab`")[0]
     assert "time_ratio" in losses and "softjax_MiB" not in losses
     assert readme.rewrite(once, readme.render(run)) == once
+    # The commit the run measured, when it recorded one.
+    assert "on test machine at commit 1234abc, 10" in readme.render({**run, "commit": "1234abc"})
     with pytest.raises(ValueError, match="must hold one"):
         readme.rewrite("no markers", "x")
     text = readme.README.read_text()
@@ -177,3 +180,11 @@ def test_bench_error_column_measures_ulps_as_the_tests_do():
         out = jnp.asarray(ref, dtype)
         ours, theirs = bench_ulp_error(out, ref, dtype), tests_ulp_error(out, ref, dtype)
         assert ours == theirs and 0 < ours <= 0.5, (dtype, ours, theirs)
+
+
+def test_bench_records_the_commit_it_measured():
+    from bench.__main__ import commit
+
+    if not (pathlib.Path(__file__).resolve().parents[1] / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert re.fullmatch(r"[0-9a-f]{7,}(\+changes)?", commit() or ""), commit()
