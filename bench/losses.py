@@ -26,86 +26,73 @@ def bce_reference(x64: np.ndarray, t64: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0, -x64) * t64 + np.logaddexp(0, x64) * (1 - t64)))
 
 
+def ce_smoothed_reference(x64: np.ndarray, labels: np.ndarray, a: float) -> float:
+    """PyTorch's label smoothing: ``(1 - a) * (-log p_y) + a / C * sum_c (-log p_c)``."""
+    m = x64.max(-1, keepdims=True)
+    logp = x64 - (m + np.log(np.exp(x64 - m).sum(-1, keepdims=True)))
+    nll = -logp[np.arange(len(labels)), labels]
+    return float(np.mean((1 - a) * nll - a * logp.mean(-1)))
+
+
+def _fwd_and_bwd_rows(op, size, dtype, peer, ours, theirs, x, reps, ref) -> list[dict]:
+    """The forward row (with errors against ``ref``) and the forward+backward row of a pair."""
+
+    def errors(a, b):
+        return _rel_err_ulps(a, ref), _rel_err_ulps(b, ref)
+
+    return [
+        compare_row(op, f"{size} fwd", dtype, peer, ours, theirs, (x,), reps, errors),
+        compare_row(
+            op, f"{size} fwd+bwd", dtype, peer, jax.grad(ours), jax.grad(theirs), (x,), reps
+        ),
+    ]
+
+
+SMOOTHING = 0.1
+
+
 def run(args) -> list[dict]:
     shape = tier(args, (64, 1024), (256, 32768), (2048, 32768))
     reps = args.reps or tier(args, 3, 5, 7)
     rng = np.random.default_rng(0)
     x32 = (rng.standard_normal(shape) * 3).astype(np.float32)
     labels = jnp.asarray(rng.integers(0, shape[1], shape[0]), jnp.int32)
+    smoothed = optax.smooth_labels(jax.nn.one_hot(labels, shape[1]), SMOOTHING)
     t32 = (rng.random(shape) < 0.1).astype(np.float32)
     size = f"{shape[0]}x{shape[1]}"
     rows = Rows()
     for dtype in ("float32", "bfloat16"):
         x = jnp.asarray(x32).astype(dtype)
         x64 = np.asarray(x.astype(jnp.float32), np.float64)
-        ce_ref = ce_reference(x64, np.asarray(labels))
-
-        def ours(x):
-            return sj.cross_entropy(x, labels)
-
-        def theirs(x):
-            return optax.softmax_cross_entropy_with_integer_labels(x, labels).mean()
-
-        def errors(a, b, ref=ce_ref):
-            return _rel_err_ulps(a, ref), _rel_err_ulps(b, ref)
-
-        peer = "optax int-label CE"
-        rows.append(
-            compare_row(
-                "cross_entropy", f"{size} fwd", dtype, peer, ours, theirs, (x,), reps, errors
-            )
-        )
-        rows.append(
-            compare_row(
-                "cross_entropy",
-                f"{size} fwd+bwd",
-                dtype,
-                peer,
-                jax.grad(ours),
-                jax.grad(theirs),
-                (x,),
-                reps,
-            )
-        )
-
         t = jnp.asarray(t32).astype(dtype)
-        bce_ref = bce_reference(x64, t32.astype(np.float64))
-
-        def ours_b(x):
-            return sj.binary_cross_entropy(x, t)
-
-        def theirs_b(x):
-            return optax.sigmoid_binary_cross_entropy(x, t).mean()
-
-        def errors_b(a, b, ref=bce_ref):
-            return _rel_err_ulps(a, ref), _rel_err_ulps(b, ref)
-
-        peer = "optax sigmoid BCE"
-        rows.append(
-            compare_row(
+        pairs = [
+            (
+                "cross_entropy",
+                size,
+                "optax int-label CE",
+                lambda x: sj.cross_entropy(x, labels),
+                lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels).mean(),
+                ce_reference(x64, np.asarray(labels)),
+            ),
+            (
+                "cross_entropy",
+                f"{size} smoothing={SMOOTHING}",
+                "optax smooth_labels CE",
+                lambda x: sj.cross_entropy(x, labels, label_smoothing=SMOOTHING),
+                lambda x: optax.softmax_cross_entropy(x, smoothed).mean(),
+                ce_smoothed_reference(x64, np.asarray(labels), SMOOTHING),
+            ),
+            (
                 "binary_cross_entropy",
-                f"{size} fwd",
-                dtype,
-                peer,
-                ours_b,
-                theirs_b,
-                (x,),
-                reps,
-                errors_b,
-            )
-        )
-        rows.append(
-            compare_row(
-                "binary_cross_entropy",
-                f"{size} fwd+bwd",
-                dtype,
-                peer,
-                jax.grad(ours_b),
-                jax.grad(theirs_b),
-                (x,),
-                reps,
-            )
-        )
+                size,
+                "optax sigmoid BCE",
+                lambda x, t=t: sj.binary_cross_entropy(x, t),
+                lambda x, t=t: optax.sigmoid_binary_cross_entropy(x, t).mean(),
+                bce_reference(x64, t32.astype(np.float64)),
+            ),
+        ]
+        for op, case, peer, ours, theirs, ref in pairs:
+            rows.extend(_fwd_and_bwd_rows(op, case, dtype, peer, ours, theirs, x, reps, ref))
     rows.extend(torch_rows(x32, np.asarray(labels), reps))
     return rows
 
