@@ -13,6 +13,10 @@ ratios to ``jax.nn`` at [2048, 32768] float32:
 - ``+ tie count``: the number of entries at the maximum, a second reduction of ``x``;
 - ``two sums of one expression`` and ``variadic reduce``: ``rest`` and the count in one
   pass, two ways, neither fused by XLA:CPU;
+- ``not-max mask + tie count``, arithmetic and as ``sum(x == max)``: what a compare in a
+  reduction's input costs on XLA:CPU against the same count in arithmetic;
+- ``sum carrying TwoSum errors``: ``sum(exp(x - m))`` compensated by one variadic reduction
+  of (sum, error) pairs (``softjax._numerics.streaming_sum``, what TPU and GPU run);
 - ``softjax``: the shipped ``softjax.logsumexp``.
 """
 
@@ -43,10 +47,13 @@ def max_sum(x):
     return m + jnp.log(jnp.sum(jnp.exp(x - m), 1, keepdims=True))
 
 
+def _masked_rest(x, m):
+    return jnp.sum(jnp.exp(x - m) * jnp.minimum(1.0, (x - m) * -BIG), 1, keepdims=True)
+
+
 def not_max_mask(x):
     m = _max(x)
-    rest = jnp.sum(jnp.exp(x - m) * jnp.minimum(1.0, (x - m) * -BIG), 1, keepdims=True)
-    return m + jnp.log1p(rest)
+    return m + jnp.log1p(_masked_rest(x, m))
 
 
 def _compensated_rest(x, m):
@@ -87,6 +94,27 @@ def variadic(x):
     return m + jnp.log1p(rest[:, None] + (x.shape[1] - others[:, None] - 1))
 
 
+def count_arithmetic(x):
+    m = _max(x)
+    top = lax.optimization_barrier(m)  # the count's own broadcast of m, as softjax's
+    count = 0.5 * jnp.sum(
+        2.0 - jnp.minimum(2.0, (top - jnp.minimum(x, top)) * BIG), 1, keepdims=True
+    )
+    return m + jnp.log1p(_masked_rest(x, m) + (count - 1))
+
+
+def count_compare(x):
+    m = _max(x)
+    top = lax.optimization_barrier(m)
+    count = jnp.sum((x == top).astype(x.dtype), 1, keepdims=True)
+    return m + jnp.log1p(_masked_rest(x, m) + (count - 1))
+
+
+def carried_sum(x):
+    m = _max(x)
+    return m + jnp.log(nx.streaming_sum(jnp.exp(x - m), (1,)))
+
+
 VARIANTS = {
     "jax.nn": lambda x: jax.nn.logsumexp(x, axis=-1, keepdims=True),
     "max + sum": max_sum,
@@ -95,6 +123,9 @@ VARIANTS = {
     "+ tie count": tie_count,
     "two sums of one expression": two_sums,
     "variadic reduce": variadic,
+    "not-max mask + tie count": count_arithmetic,
+    "same, count by compare": count_compare,
+    "sum carrying TwoSum errors": carried_sum,
     "softjax": lambda x: softjax.logsumexp(x, axis=-1, keepdims=True),
 }
 
