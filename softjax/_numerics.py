@@ -201,9 +201,12 @@ class Shifted(NamedTuple):
     lo: jax.Array
     shift: jax.Array
     empty: jax.Array
-    x: jax.Array
     offset: jax.Array
     native: jax.Array
+
+    @property
+    def x(self) -> jax.Array:
+        return upcast(self.native)
 
 
 def shift_rows(x: jax.Array, axes: Axes, where: jax.Array | None, temperature=None) -> Shifted:
@@ -227,7 +230,7 @@ def shift_rows(x: jax.Array, axes: Axes, where: jax.Array | None, temperature=No
     shift = lax.stop_gradient(jnp.where(empty, 0.0, jnp.minimum(raw_max, big)))
     offset = jnp.where(infinite, jnp.inf, 0.0).astype(x.dtype)
     hi, lo = _shift_entries(x, shift, infinite, temperature)
-    return Shifted(hi, lo, shift, lax.stop_gradient(empty), x, lax.stop_gradient(offset), native)
+    return Shifted(hi, lo, shift, lax.stop_gradient(empty), lax.stop_gradient(offset), native)
 
 
 def reshift(x: jax.Array, rows: Shifted, where: jax.Array | None, temperature=None):
