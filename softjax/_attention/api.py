@@ -9,7 +9,7 @@ from jax import lax
 
 from .. import _checks, _dispatch
 from .. import _numerics as nx
-from . import chunked, reference
+from . import chunked, pallas, reference
 from ._masks import Masks, Spec
 
 # Below this many query x key pairs per head the materialising path is faster on CPU (and its
@@ -114,9 +114,21 @@ def _preference(call: _dispatch.Call) -> tuple[str, ...]:
     return ("chunked", "xla")
 
 
+def _pallas_serves(call: _dispatch.Call) -> str | None:
+    if call.options["dropout_rate"] > 0:
+        return (
+            "dropout is not implemented by the attention kernels (their tiles do not "
+            "regenerate the dropout hash yet); use implementation='chunked'"
+        )
+    return pallas.unsupported(call.dtypes["query"])
+
+
 REGISTRY = _dispatch.Registry("dot_product_attention", _preference)
 REGISTRY.register("xla", _materialized)
 REGISTRY.register("chunked", _streamed)
+# The kernels take the API's layout and dtypes (nothing upcast or scaled in HBM), so this
+# entry is called with its own signature (see dot_product_attention).
+REGISTRY.register("pallas", pallas.attention, _pallas_serves)
 
 
 def _qkv(query, key, value):
@@ -285,6 +297,21 @@ def dot_product_attention(
     if t_len == 0 or s_len == 0:
         impl = REGISTRY.select("xla", call)  # nothing to stream (output 0), whatever was named
     q_seg, kv_seg = _segments(segment_ids, b_, t_len, s_len)
+    q_len = _lengths(query_seq_lengths, "query_seq_lengths", b_)
+    kv_len = _lengths(key_value_seq_lengths, "key_value_seq_lengths", b_)
+    if impl.name == "pallas":
+        out, lse = impl.fn(
+            query, key, value, bias, mask,
+            scale=lax.stop_gradient(jnp.asarray(scale, jnp.float32)),
+            softcap=None if logit_softcap is None else lax.stop_gradient(logit_softcap),
+            causal=bool(is_causal),
+            window=_window(local_window_size),
+            dyn=pallas.Dynamic(q_seg, kv_seg, q_len, kv_len),
+        )  # fmt: skip
+        out = out.astype(query.dtype)
+        if unbatched:
+            out, lse = out[0], lse[0]
+        return (out, lse) if return_lse else out
 
     cdt = nx.compute_dtype(query.dtype)
     # Canonical layout: q [B, K, T, G, H] (scaled once here, O(T) work), k/v [B, K, S, H].
@@ -304,8 +331,8 @@ def dot_product_attention(
         mask=None if mask is None else _to_groups(mask, k_, g_),
         q_segment=q_seg,
         kv_segment=kv_seg,
-        q_length=_lengths(query_seq_lengths, "query_seq_lengths", b_),
-        kv_length=_lengths(key_value_seq_lengths, "key_value_seq_lengths", b_),
+        q_length=q_len,
+        kv_length=kv_len,
         seed=seed,
         softcap=None
         if logit_softcap is None

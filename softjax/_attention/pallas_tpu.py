@@ -1,0 +1,398 @@
+"""Mosaic TPU kernels of ``dot_product_attention``: the grid walks the key blocks.
+
+Each kernel runs a grid whose last axis is sequential ("arbitrary") and accumulates in VMEM
+scratch across it, the blocks being brought in by the pipeline (``BlockSpec`` index maps):
+
+* ``softjax_attn_fwd``, grid ``(B, N, query blocks, key blocks)``: the online softmax
+  (``tiles.online_step``) of one query block over the key blocks; the last key block writes
+  the float32 output and the logsumexp.
+* ``softjax_attn_dq``, same grid: ``dQ`` of one query block, summed over key blocks (and,
+  with a bias, the score gradient ``dS`` of each tile, which is the bias's gradient).
+* ``softjax_attn_dkv``, grid ``(B, K, key blocks, G x query blocks)``: ``dK`` and ``dV`` of
+  one key block of key/value head ``k``, summed over the query blocks of its ``G`` query
+  heads (grouped-query attention without repeating K/V).
+
+Key blocks that the causal mask, the window or the key padding hide from a query block are
+skipped: no compute (``pl.when``), and no copy either, since their index map repeats the
+block before (a pipeline does not fetch a block it holds). Blocks whose tokens share no
+segment or are past the sequence lengths (``dynamic`` masks, from data) are skipped by the
+compute, from per-block segment ranges read in scalar memory.
+
+Per-query data crosses HBM as rows ``[8, T]`` (tokens along lanes) and is transposed in the
+kernels: a TPU pads an array's minor dimension to 128 lanes, so ``[T, 1]`` would cost
+``T * 512`` bytes. Lengths are padded to whole blocks by the caller (``pallas.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from . import tiles
+from .tiles import Config
+
+VMEM_LIMIT_BYTES = 48 * 2**20
+
+
+def _params(interpret: bool, *semantics):
+    if interpret:
+        return None
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=VMEM_LIMIT_BYTES)
+
+
+def _vmem(shape):
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.VMEM(shape, jnp.float32)
+
+
+def _grid_spec(grid, in_specs, out_specs, scratch, num_prefetch):
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=num_prefetch,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=scratch,
+    )
+
+
+def _clip(j, lo, hi):
+    """A block index in ``[lo, hi)``: hidden blocks map onto a visible one (no new copy)."""
+    return jnp.minimum(jnp.maximum(j, lo), jnp.maximum(hi - 1, lo))
+
+
+def _bias_spec(cfg: Config, shape, rows_cols):
+    """The bias's BlockSpec: a ``[bq|1, bk|1]`` tile, broadcast axes pinned at 0."""
+    has_b, has_n, has_t, has_s = cfg.bias_axes
+    block = (None, None, cfg.bq if has_t else 1, cfg.bk if has_s else 1)
+
+    def index(*ids):
+        b, n, i, j = rows_cols(*ids)
+        return (b if has_b else 0, n if has_n else 0, i if has_t else 0, j if has_s else 0)
+
+    return pl.BlockSpec(block, index)
+
+
+def _scale_cap(consts_ref, cfg: Config):
+    """``(scale, cap)`` as ``[1, 1]`` float32 (cap None without a soft-cap)."""
+    consts = consts_ref[...]
+    return consts[:, 0:1], (consts[:, 1:2] if cfg.softcap else None)
+
+
+def _columns(rows_ref, count):
+    """The first ``count`` rows of an ``[8, bq]`` block as ``[bq, 1]`` columns."""
+    cols = rows_ref[...].T
+    return [cols[:, c : c + 1] for c in range(count)]
+
+
+def _ranges(ref, b, blk, num):
+    """The ``(min, max)`` segment range of block ``blk`` of batch ``b`` (scalar memory)."""
+    at = 2 * (b * num + blk)
+    return ref[at], ref[at + 1]
+
+
+def _dynamic_args(cfg: Config, info, qb_of, kb_of):
+    """Specs for the ``[B, 8, T]`` / ``[B, 8, S]`` segment-and-valid rows, if dynamic."""
+    if not cfg.dynamic:
+        return [], []
+    q_info, kv_info = info
+    specs = [
+        pl.BlockSpec((None, 8, cfg.bq), lambda *ids: (qb_of(*ids)[0], 0, qb_of(*ids)[1])),
+        pl.BlockSpec((None, 8, cfg.bk), lambda *ids: (kb_of(*ids)[0], 0, kb_of(*ids)[1])),
+    ]
+    return specs, [q_info, kv_info]
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+
+
+def _fwd_kernel(*refs, cfg: Config, nq: int, nk: int):
+    refs = list(refs)
+    q_rng, kv_rng = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
+    q_ref, k_ref, v_ref, consts_ref = refs[:4]
+    refs = refs[4:]
+    bias_ref = refs.pop(0) if cfg.bias_axes is not None else None
+    qi_ref, ki_ref = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
+    o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    lo, hi = tiles.key_blocks(cfg, i, nk)
+    run = (j >= lo) & (j < hi)
+    if cfg.dynamic:
+        run = run & tiles.live(_ranges(q_rng, b, i, nq), _ranges(kv_rng, b, j, nk))
+
+    @pl.when(run)
+    def _():
+        bias = None if bias_ref is None else bias_ref[...]
+        _, s = tiles.scores(q_ref[...], k_ref[...], *_scale_cap(consts_ref, cfg), bias)
+        q_data = _columns(qi_ref, 2) if cfg.dynamic else None
+        kv_data = (ki_ref[0:1, :], ki_ref[1:2, :]) if cfg.dynamic else None
+        ok = tiles.visible(cfg, i * cfg.bq, j * cfg.bk, q_data, kv_data)
+        state = (m_ref[...], l_ref[...], acc_ref[...])
+        m_ref[...], l_ref[...], acc_ref[...] = tiles.online_step(state, s, v_ref[...], ok)
+
+    @pl.when(j == nk - 1)
+    def _():
+        o, lse = tiles.finish((m_ref[...], l_ref[...], acc_ref[...]))
+        o_ref[...] = o.astype(o_ref.dtype)
+        lse_ref[...] = jnp.broadcast_to(lse, (cfg.bq, 8)).T
+
+
+def forward(q, k, v, consts, bias, info, ranges, *, cfg: Config, interpret: bool):
+    """``(o [B, N, T, H] float32, lse [B, N, T] float32)``.
+
+    ``q`` ``[B, N, T, H]``, ``k``/``v`` ``[B, K, S, H]`` (T and S whole blocks), ``consts``
+    ``[1, 2]`` float32 ``(scale, cap)``, ``bias`` ``[B|1, N|1, T|1, S|1]`` or None, ``info``
+    the ``[B, 8, T]``/``[B, 8, S]`` int32 segment and valid rows and ``ranges`` the flat
+    per-block segment ranges (both when ``cfg.dynamic``).
+    """
+    bsz, n_heads, t_pad, h = q.shape
+    nq, nk = t_pad // cfg.bq, k.shape[2] // cfg.bk
+    g = cfg.group
+
+    def kv_index(b, n, i, j, *_):
+        lo, hi = tiles.key_blocks(cfg, i, nk)
+        return (b, tiles.div(n, g), _clip(j, lo, hi), 0)
+
+    def ids(b, n, i, j, *_):
+        lo, hi = tiles.key_blocks(cfg, i, nk)
+        return b, n, i, _clip(j, lo, hi)
+
+    in_specs = [
+        pl.BlockSpec((None, None, cfg.bq, h), lambda b, n, i, j, *_: (b, n, i, 0)),
+        pl.BlockSpec((None, None, cfg.bk, h), kv_index),
+        pl.BlockSpec((None, None, cfg.bk, h), kv_index),
+        pl.BlockSpec((1, 2), lambda *_: (0, 0)),
+    ]
+    args = [q, k, v, consts]
+    if bias is not None:
+        in_specs.append(_bias_spec(cfg, bias.shape, ids))
+        args.append(bias)
+    specs, dyn = _dynamic_args(cfg, info, lambda b, n, i, j, *_: (b, i), lambda *a: ids(*a)[::3])
+    in_specs += specs
+    args += dyn
+    out_specs = [
+        pl.BlockSpec((None, None, cfg.bq, h), lambda b, n, i, j, *_: (b, n, i, 0)),
+        pl.BlockSpec((None, None, 8, cfg.bq), lambda b, n, i, j, *_: (b, n, 0, i)),
+    ]
+    scratch = [_vmem((cfg.bq, 1)), _vmem((cfg.bq, 1)), _vmem((cfg.bq, h))]
+    prefetch = list(ranges) if cfg.dynamic else []
+    o, lse_rows = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg, nq=nq, nk=nk),
+        grid_spec=_grid_spec(
+            (bsz, n_heads, nq, nk), in_specs, out_specs, scratch, len(prefetch)
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((bsz, n_heads, t_pad, h), jnp.float32),
+            jax.ShapeDtypeStruct((bsz, n_heads, 8, t_pad), jnp.float32),
+        ],
+        compiler_params=_params(interpret, "parallel", "parallel", "parallel", "arbitrary"),
+        interpret=interpret,
+        name="softjax_attn_fwd",
+    )(*prefetch, *args)
+    return o, lse_rows[:, :, 0]
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+
+
+def _dq_kernel(*refs, cfg: Config, nq: int, nk: int):
+    refs = list(refs)
+    q_rng, kv_rng = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
+    q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref = refs[:6]
+    refs = refs[6:]
+    bias_ref = refs.pop(0) if cfg.bias_axes is not None else None
+    qi_ref, ki_ref = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
+    dq_ref = refs.pop(0)
+    ds_ref = refs.pop(0) if cfg.bias_axes is not None else None
+    (acc_ref,) = refs
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    lo, hi = tiles.key_blocks(cfg, i, nk)
+    run = (j >= lo) & (j < hi)
+    if cfg.dynamic:
+        run = run & tiles.live(_ranges(q_rng, b, i, nq), _ranges(kv_rng, b, j, nk))
+
+    @pl.when(run)
+    def _():
+        lse, delta = _columns(rows_ref, 2)
+        q_data = _columns(qi_ref, 2) if cfg.dynamic else None
+        kv_data = (ki_ref[0:1, :], ki_ref[1:2, :]) if cfg.dynamic else None
+        ok = tiles.visible(cfg, i * cfg.bq, j * cfg.bk, q_data, kv_data)
+        bias = None if bias_ref is None else bias_ref[...]
+        k = k_ref[...]
+        _, ds, dz = tiles.tile_grads(
+            q_ref[...], k, v_ref[...], do_ref[...], lse, delta, *_scale_cap(consts_ref, cfg), bias, ok
+        )
+        acc_ref[...] += tiles.dot(dz, k, (1, 0))
+        if ds_ref is not None:
+            ds_ref[...] = ds
+
+    if ds_ref is not None:
+
+        @pl.when(jnp.logical_not(run))
+        def _():
+            ds_ref[...] = jnp.zeros(ds_ref.shape, ds_ref.dtype)
+
+    @pl.when(j == nk - 1)
+    def _():
+        dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, cfg: Config, nq: int, nk: int):
+    refs = list(refs)
+    q_rng, kv_rng = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
+    q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref = refs[:6]
+    refs = refs[6:]
+    bias_ref = refs.pop(0) if cfg.bias_axes is not None else None
+    qi_ref, ki_ref = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
+    dk_ref, dv_ref, dk_acc, dv_acc = refs
+    b, j, r, nr = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.num_programs(3)
+    i = tiles.rem(r, nq)
+
+    @pl.when(r == 0)
+    def _():
+        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+    lo, hi = tiles.query_blocks(cfg, j, nq)
+    run = (i >= lo) & (i < hi)
+    if cfg.dynamic:
+        run = run & tiles.live(_ranges(q_rng, b, i, nq), _ranges(kv_rng, b, j, nk))
+
+    @pl.when(run)
+    def _():
+        lse, delta = _columns(rows_ref, 2)
+        q_data = _columns(qi_ref, 2) if cfg.dynamic else None
+        kv_data = (ki_ref[0:1, :], ki_ref[1:2, :]) if cfg.dynamic else None
+        ok = tiles.visible(cfg, i * cfg.bq, j * cfg.bk, q_data, kv_data)
+        bias = None if bias_ref is None else bias_ref[...]
+        q, do = q_ref[...], do_ref[...]
+        p, _, dz = tiles.tile_grads(
+            q, k_ref[...], v_ref[...], do, lse, delta, *_scale_cap(consts_ref, cfg), bias, ok
+        )
+        dv_acc[...] += tiles.dot(p.T, do, (1, 0))
+        dk_acc[...] += tiles.dot(dz.T, q, (1, 0))
+
+    @pl.when(r == nr - 1)
+    def _():
+        dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, interpret: bool):
+    """``(dq, dk, dv, ds)``: ``ds`` ``[B, N, T, S]`` float32 only with a bias (else None).
+
+    ``do`` ``[B, N, T, H]``; ``rows`` ``[B, N, 8, T]`` float32 with the lse (``+inf`` on
+    empty rows) in row 0 and ``delta`` in row 1; the rest as :func:`forward`.
+    """
+    bsz, n_heads, t_pad, h = q.shape
+    kv_heads, s_pad = k.shape[1], k.shape[2]
+    nq, nk = t_pad // cfg.bq, s_pad // cfg.bk
+    g = cfg.group
+    prefetch = list(ranges) if cfg.dynamic else []
+    consts_spec = pl.BlockSpec((1, 2), lambda *_: (0, 0))
+
+    # dQ: grid (B, N, query blocks, key blocks).
+    def dq_ids(b, n, i, j, *_):
+        lo, hi = tiles.key_blocks(cfg, i, nk)
+        return b, n, i, _clip(j, lo, hi)
+
+    q_spec = pl.BlockSpec((None, None, cfg.bq, h), lambda b, n, i, j, *_: (b, n, i, 0))
+    kv_spec = pl.BlockSpec(
+        (None, None, cfg.bk, h), lambda *a: (dq_ids(*a)[0], tiles.div(a[1], g), dq_ids(*a)[3], 0)
+    )
+    rows_spec = pl.BlockSpec((None, None, 8, cfg.bq), lambda b, n, i, j, *_: (b, n, 0, i))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, rows_spec, consts_spec]
+    args = [q, k, v, do, rows, consts]
+    if bias is not None:
+        in_specs.append(_bias_spec(cfg, bias.shape, dq_ids))
+        args.append(bias)
+    specs, dyn = _dynamic_args(cfg, info, lambda b, n, i, j, *_: (b, i), lambda *a: dq_ids(*a)[::3])
+    in_specs += specs
+    args += dyn
+    out_specs = [q_spec]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if bias is not None:
+        out_specs.append(
+            pl.BlockSpec((None, None, cfg.bq, cfg.bk), lambda b, n, i, j, *_: (b, n, i, j))
+        )
+        out_shape.append(jax.ShapeDtypeStruct((bsz, n_heads, t_pad, s_pad), jnp.float32))
+    outs = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, nq=nq, nk=nk),
+        grid_spec=_grid_spec(
+            (bsz, n_heads, nq, nk), in_specs, out_specs, [_vmem((cfg.bq, h))], len(prefetch)
+        ),
+        out_shape=out_shape,
+        compiler_params=_params(interpret, "parallel", "parallel", "parallel", "arbitrary"),
+        interpret=interpret,
+        name="softjax_attn_dq",
+    )(*prefetch, *args)
+    dq, ds = outs[0], (outs[1] if bias is not None else None)
+
+    # dK, dV: grid (B, K, key blocks, G x query blocks).
+    def dkv_ids(b, kh, j, r, *_):
+        lo, hi = tiles.query_blocks(cfg, j, nq)
+        return b, kh * g + tiles.div(r, nq), _clip(tiles.rem(r, nq), lo, hi), j
+
+    def q_index(*a):
+        b, n, i, _ = dkv_ids(*a)
+        return (b, n, i, 0)
+
+    def rows_index(*a):
+        b, n, i, _ = dkv_ids(*a)
+        return (b, n, 0, i)
+
+    q_spec = pl.BlockSpec((None, None, cfg.bq, h), q_index)
+    kv_spec = pl.BlockSpec((None, None, cfg.bk, h), lambda b, kh, j, r, *_: (b, kh, j, 0))
+    in_specs = [
+        q_spec,
+        kv_spec,
+        kv_spec,
+        q_spec,
+        pl.BlockSpec((None, None, 8, cfg.bq), rows_index),
+        consts_spec,
+    ]
+    args = [q, k, v, do, rows, consts]
+    if bias is not None:
+        in_specs.append(_bias_spec(cfg, bias.shape, dkv_ids))
+        args.append(bias)
+    specs, dyn = _dynamic_args(
+        cfg, info, lambda *a: dkv_ids(*a)[::2], lambda b, kh, j, r, *_: (b, j)
+    )
+    in_specs += specs
+    args += dyn
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, nq=nq, nk=nk),
+        grid_spec=_grid_spec(
+            (bsz, kv_heads, nk, g * nq),
+            in_specs,
+            [kv_spec, kv_spec],
+            [_vmem((cfg.bk, h)), _vmem((cfg.bk, h))],
+            len(prefetch),
+        ),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params(interpret, "parallel", "parallel", "parallel", "arbitrary"),
+        interpret=interpret,
+        name="softjax_attn_dkv",
+    )(*prefetch, *args)
+    return dq, dk, dv, ds
