@@ -103,8 +103,9 @@ def _blocks(family: str, interpret: bool, t_len: int, s_len: int) -> tuple[int, 
     return min(bq, _round_up(t_len, 128)), min(bk, _round_up(s_len, 128))
 
 
-def _pad(x, axis: int, to: int):
-    if x is None or x.shape[axis] in (1, to):
+def _pad(x, axis: int, to: int, broadcast: bool = False):
+    """``x`` zero-padded to length ``to`` along ``axis`` (a broadcast axis of size 1 left)."""
+    if x is None or x.shape[axis] == to or (broadcast and x.shape[axis] == 1):
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, to - x.shape[axis])
@@ -147,8 +148,8 @@ class _Padded(NamedTuple):
 
 def _prepare(opts: Options, family: str, interpret: bool, q, k, v, bias, dyn) -> _Padded:
     """Everything a family's kernels take, padded to its whole blocks."""
-    bsz, _, t_len, _ = q.shape
-    s_len = k.shape[2]
+    bsz, t_len = q.shape[:2]
+    s_len = k.shape[1]
     bq, bk = _blocks(family, interpret, t_len, s_len)
     t_pad, s_pad = _round_up(t_len, bq), _round_up(s_len, bk)
     cfg = Config(*opts[:2], t_len, s_len, opts.group, bq, bk, *opts[3:])
@@ -158,10 +159,8 @@ def _prepare(opts: Options, family: str, interpret: bool, q, k, v, bias, dyn) ->
         kv_rows = _token_rows(dyn.kv_segment, dyn.kv_length, bsz, s_len, s_pad)
         info = (q_rows, kv_rows)
         ranges = (_block_ranges(q_rows, bq), _block_ranges(kv_rows, bk))
-    bias = _pad(_pad(bias, 2, t_pad), 3, s_pad)
-    return _Padded(
-        cfg, _pad(q, 2, t_pad), _pad(k, 2, s_pad), _pad(v, 2, s_pad), bias, info, ranges
-    )
+    bias = _pad(_pad(bias, 2, t_pad, broadcast=True), 3, s_pad, broadcast=True)
+    return _Padded(cfg, _pad(q, 1, t_pad), _pad(k, 1, s_pad), _pad(v, 1, s_pad), bias, info, ranges)
 
 
 _FAMILIES = {"tpu": pallas_tpu, "gpu": pallas_gpu}
@@ -174,22 +173,22 @@ def _forward_on(family: str, interpret: bool, opts: Options, q, k, v, bias, cons
         pad.q, pad.k, pad.v, consts, pad.bias, pad.info, pad.ranges,
         cfg=pad.cfg, interpret=interpret,
     )  # fmt: skip
-    t_len = q.shape[2]
-    return o[:, :, :t_len], lse[:, :, :t_len]
+    t_len = q.shape[1]
+    return o[:, :t_len], lse[:, :, :t_len]
 
 
 def _backward_on(family, interpret, opts: Options, q, k, v, bias, consts, dyn, rows, do):
     kernels = _FAMILIES.get(family, pallas_tpu)
     pad = _prepare(opts, family, interpret, q, k, v, bias, dyn)
-    t_pad = pad.q.shape[2]
+    t_pad = pad.q.shape[1]
     dq, dk, dv, ds = kernels.backward(
-        pad.q, pad.k, pad.v, _pad(do, 2, t_pad), _pad(rows, 3, t_pad), consts,
+        pad.q, pad.k, pad.v, _pad(do, 1, t_pad), _pad(rows, 3, t_pad), consts,
         pad.bias, pad.info, pad.ranges, cfg=pad.cfg, interpret=interpret,
     )  # fmt: skip
-    t_len, s_len = q.shape[2], k.shape[2]
+    t_len, s_len = q.shape[1], k.shape[1]
     if ds is not None:
         ds = ds[:, :, :t_len, :s_len]
-    return dq[:, :, :t_len], dk[:, :, :s_len], dv[:, :, :s_len], ds
+    return dq[:, :t_len], dk[:, :s_len], dv[:, :s_len], ds
 
 
 def _per_platform(fn, opts: Options, *args, family=None):
@@ -216,7 +215,8 @@ def _fwd(opts, family, q, k, v, bias, consts, dyn):
 def _bwd(opts, family, res, cts):
     q, k, v, bias, consts, dyn, o, lse = res
     d_out, d_lse = cts
-    delta = jnp.sum(d_out.astype(jnp.float32) * o, axis=-1) - d_lse
+    # [B, T, N] -> [B, N, T], beside the lse.
+    delta = jnp.sum(d_out.astype(jnp.float32) * o, axis=-1).transpose(0, 2, 1) - d_lse
     # exp(s - lse) with lse = -inf (a row that attends to nothing) must be 0: use +inf there.
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
     rows = jnp.pad(jnp.stack([lse, delta], axis=2), ((0, 0), (0, 0), (0, 6), (0, 0)))
@@ -259,7 +259,5 @@ def attention(
     )
     cap = jnp.ones((), jnp.float32) if softcap is None else jnp.asarray(softcap, jnp.float32)
     consts = jnp.stack([jnp.asarray(scale, jnp.float32), cap]).reshape(1, 2)
-    q = query.transpose(0, 2, 1, 3)
-    k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
-    o, lse = _attention(opts, family, q, k, v, bias, consts, dyn)
-    return o.transpose(0, 2, 1, 3), lse.transpose(0, 2, 1)
+    o, lse = _attention(opts, family, query, key, value, bias, consts, dyn)
+    return o, lse.transpose(0, 2, 1)

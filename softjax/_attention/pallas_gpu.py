@@ -119,14 +119,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, consts_ref, *refs, cfg: Config, nq: int, nk
     o_ref, lse_ref = refs.rest
     b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = i * cfg.bq
-    q = q_ref[b, n, pl.ds(t0, cfg.bq), :]
+    q = q_ref[b, pl.ds(t0, cfg.bq), n, :]
     scale, cap = _scale_cap(consts_ref, cfg)
     h = q.shape[-1]
 
     def step(j, state):
         s0 = j * cfg.bk
-        k = k_ref[b, tiles.div(n, cfg.group), pl.ds(s0, cfg.bk), :]
-        v = v_ref[b, tiles.div(n, cfg.group), pl.ds(s0, cfg.bk), :]
+        k = k_ref[b, pl.ds(s0, cfg.bk), tiles.div(n, cfg.group), :]
+        v = v_ref[b, pl.ds(s0, cfg.bk), tiles.div(n, cfg.group), :]
         _, s = tiles.scores(q, k, scale, cap, _bias(refs.bias, cfg, b, n, t0, s0))
         return tiles.online_step(state, s, v, _visible(refs, cfg, b, t0, s0))
 
@@ -135,7 +135,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, consts_ref, *refs, cfg: Config, nq: int, nk
     init = (m0, jnp.zeros_like(m0), jnp.zeros((cfg.bq, h), jnp.float32))
     state = lax.fori_loop(lo, hi, _when_live(refs, cfg, b, i, None, nq, nk, step), init)
     o, lse = tiles.finish(state)
-    o_ref[b, n, pl.ds(t0, cfg.bq), :] = o
+    o_ref[b, pl.ds(t0, cfg.bq), n, :] = o
     lse_ref[b, n, pl.ds(t0, cfg.bq)] = lse[:, 0]
 
 
@@ -159,10 +159,10 @@ def _optional_args(cfg: Config, bias, info, ranges):
 
 
 def forward(q, k, v, consts, bias, info, ranges, *, cfg: Config, interpret: bool):
-    """``(o [B, N, T, H] float32, lse [B, N, T] float32)``; arguments as
+    """``(o [B, T, N, H] float32, lse [B, N, T] float32)``; arguments as
     ``pallas_tpu.forward``."""
-    bsz, n_heads, t_pad, h = q.shape
-    nq, nk = t_pad // cfg.bq, k.shape[2] // cfg.bk
+    bsz, t_pad, n_heads, h = q.shape
+    nq, nk = t_pad // cfg.bq, k.shape[1] // cfg.bk
     q, k, v = _pad_heads(q, k, v)
     o, lse = _call(
         functools.partial(_fwd_kernel, cfg=cfg, nq=nq, nk=nk),
@@ -188,14 +188,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref, *refs, cfg, nq
     b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = i * cfg.bq
     rows = pl.ds(t0, cfg.bq)
-    q, do = q_ref[b, n, rows, :], do_ref[b, n, rows, :]
+    q, do = q_ref[b, rows, n, :], do_ref[b, rows, n, :]
     lse, delta = rows_ref[b, n, 0, rows][:, None], rows_ref[b, n, 1, rows][:, None]
     scale, cap = _scale_cap(consts_ref, cfg)
 
     def step(j, acc):
         s0 = j * cfg.bk
-        k = k_ref[b, tiles.div(n, cfg.group), pl.ds(s0, cfg.bk), :]
-        v = v_ref[b, tiles.div(n, cfg.group), pl.ds(s0, cfg.bk), :]
+        k = k_ref[b, pl.ds(s0, cfg.bk), tiles.div(n, cfg.group), :]
+        v = v_ref[b, pl.ds(s0, cfg.bk), tiles.div(n, cfg.group), :]
         bias = _bias(refs.bias, cfg, b, n, t0, s0)
         ok = _visible(refs, cfg, b, t0, s0)
         _, ds, dz = tiles.tile_grads(q, k, v, do, lse, delta, scale, cap, bias, ok)
@@ -206,7 +206,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref, *refs, cfg, nq
     lo, hi = tiles.key_blocks(cfg, i, nk)
     init = jnp.zeros(q.shape, jnp.float32)
     acc = lax.fori_loop(lo, hi, _when_live(refs, cfg, b, i, None, nq, nk, step), init)
-    dq_ref[b, n, rows, :] = acc.astype(dq_ref.dtype)
+    dq_ref[b, rows, n, :] = acc.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref, *refs, cfg, nq, nk):
@@ -215,7 +215,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref, *refs, cfg, n
     b, kh, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     s0 = j * cfg.bk
     cols = pl.ds(s0, cfg.bk)
-    k, v = k_ref[b, kh, cols, :], v_ref[b, kh, cols, :]
+    k, v = k_ref[b, cols, kh, :], v_ref[b, cols, kh, :]
     scale, cap = _scale_cap(consts_ref, cfg)
     lo, hi = tiles.query_blocks(cfg, j, nq)
 
@@ -226,7 +226,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref, *refs, cfg, n
             dk, dv = carry
             t0 = i * cfg.bq
             rows = pl.ds(t0, cfg.bq)
-            q, do = q_ref[b, n, rows, :], do_ref[b, n, rows, :]
+            q, do = q_ref[b, rows, n, :], do_ref[b, rows, n, :]
             lse, delta = rows_ref[b, n, 0, rows][:, None], rows_ref[b, n, 1, rows][:, None]
             bias = _bias(refs.bias, cfg, b, n, t0, s0)
             ok = _visible(refs, cfg, b, t0, s0)
@@ -237,14 +237,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref, *refs, cfg, n
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, cfg.group, head, (zeros, zeros))
-    dk_ref[b, kh, cols, :] = dk.astype(dk_ref.dtype)
-    dv_ref[b, kh, cols, :] = dv.astype(dv_ref.dtype)
+    dk_ref[b, cols, kh, :] = dk.astype(dk_ref.dtype)
+    dv_ref[b, cols, kh, :] = dv.astype(dv_ref.dtype)
 
 
 def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, interpret: bool):
     """``(dq, dk, dv, ds)``; arguments and results as ``pallas_tpu.backward``."""
-    bsz, n_heads, t_pad, h = q.shape
-    kv_heads, s_pad = k.shape[1], k.shape[2]
+    bsz, t_pad, n_heads, h = q.shape
+    s_pad, kv_heads = k.shape[1], k.shape[2]
     nq, nk = t_pad // cfg.bq, s_pad // cfg.bk
     dtype = q.dtype
     q, k, v, do = _pad_heads(q, k, v, do)

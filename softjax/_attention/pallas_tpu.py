@@ -63,6 +63,38 @@ def _grid_spec(grid, in_specs, out_specs, scratch, num_prefetch):
     )
 
 
+class Heads:
+    """How the ``[B, T, N, H]`` arrays of the API are blocked: ``H`` a multiple of 128 reads
+    head ``n`` as the lane block ``n`` of ``[B, T, N * H]``; otherwise the arrays are
+    transposed to ``[B, N, T, H]`` (a block's two minor dimensions must be multiples of
+    ``(8, 128)`` or whole axes, so ``[bq, 1, H]`` blocks of ``[B, T, N, H]`` are not allowed).
+    Both are relayouts on a TPU, where an array's two minor dimensions are tiled: one copy of
+    each operand, linear in T."""
+
+    def __init__(self, shape):
+        self.shape = shape
+        self.flat = shape[-1] % 128 == 0
+
+    def array(self, x):
+        b, t, n, h = x.shape
+        return x.reshape(b, t, n * h) if self.flat else x.transpose(0, 2, 1, 3)
+
+    def restore(self, y):
+        b, t, n, h = self.shape
+        return y.reshape(b, t, n, h) if self.flat else y.transpose(0, 2, 1, 3)
+
+    def spec(self, rows: int, index):
+        """``[rows, H]`` blocks; ``index(*grid_ids)`` gives ``(batch, head, row block)``."""
+        h = self.shape[-1]
+        if self.flat:
+            return pl.BlockSpec((None, rows, h), lambda *a: _permute(index(*a), (0, 2, 1)))
+        return pl.BlockSpec((None, None, rows, h), lambda *a: (*index(*a), 0))
+
+
+def _permute(ids, order):
+    return tuple(ids[o] for o in order)
+
+
 def _clip(j, lo, hi):
     """A block index in ``[lo, hi)``: hidden blocks map onto a visible one (no new copy)."""
     return jnp.minimum(jnp.maximum(j, lo), jnp.maximum(hi - 1, lo))
@@ -153,32 +185,25 @@ def _fwd_kernel(*refs, cfg: Config, nq: int, nk: int):
 
 
 def forward(q, k, v, consts, bias, info, ranges, *, cfg: Config, interpret: bool):
-    """``(o [B, N, T, H] float32, lse [B, N, T] float32)``.
+    """``(o [B, T, N, H] float32, lse [B, N, T] float32)``.
 
-    ``q`` ``[B, N, T, H]``, ``k``/``v`` ``[B, K, S, H]`` (T and S whole blocks), ``consts``
+    ``q`` ``[B, T, N, H]``, ``k``/``v`` ``[B, S, K, H]`` (T and S whole blocks), ``consts``
     ``[1, 2]`` float32 ``(scale, cap)``, ``bias`` ``[B|1, N|1, T|1, S|1]`` or None, ``info``
     the ``[B, 8, T]``/``[B, 8, S]`` int32 segment and valid rows and ``ranges`` the flat
     per-block segment ranges (both when ``cfg.dynamic``).
     """
-    bsz, n_heads, t_pad, h = q.shape
-    nq, nk = t_pad // cfg.bq, k.shape[2] // cfg.bk
-    g = cfg.group
-
-    def kv_index(b, n, i, j, *_):
-        lo, hi = tiles.key_blocks(cfg, i, nk)
-        return (b, tiles.div(n, g), _clip(j, lo, hi), 0)
+    bsz, t_pad, n_heads, _ = q.shape
+    nq, nk = t_pad // cfg.bq, k.shape[1] // cfg.bk
+    q_heads, kv_heads = Heads(q.shape), Heads(k.shape)
 
     def ids(b, n, i, j, *_):
         lo, hi = tiles.key_blocks(cfg, i, nk)
         return b, n, i, _clip(j, lo, hi)
 
-    in_specs = [
-        pl.BlockSpec((None, None, cfg.bq, h), lambda b, n, i, j, *_: (b, n, i, 0)),
-        pl.BlockSpec((None, None, cfg.bk, h), kv_index),
-        pl.BlockSpec((None, None, cfg.bk, h), kv_index),
-        pl.BlockSpec((1, 2), lambda *_: (0, 0)),
-    ]
-    args = [q, k, v, consts]
+    q_spec = q_heads.spec(cfg.bq, lambda b, n, i, j, *_: (b, n, i))
+    kv_spec = kv_heads.spec(cfg.bk, lambda *a: (a[0], tiles.div(a[1], cfg.group), ids(*a)[3]))
+    in_specs = [q_spec, kv_spec, kv_spec, pl.BlockSpec((1, 2), lambda *_: (0, 0))]
+    args = [q_heads.array(q), kv_heads.array(k), kv_heads.array(v), consts]
     if bias is not None:
         in_specs.append(_bias_spec(cfg, bias.shape, ids))
         args.append(bias)
@@ -186,25 +211,23 @@ def forward(q, k, v, consts, bias, info, ranges, *, cfg: Config, interpret: bool
     in_specs += specs
     args += dyn
     out_specs = [
-        pl.BlockSpec((None, None, cfg.bq, h), lambda b, n, i, j, *_: (b, n, i, 0)),
+        q_spec,
         pl.BlockSpec((None, None, 8, cfg.bq), lambda b, n, i, j, *_: (b, n, 0, i)),
     ]
-    scratch = [_vmem((cfg.bq, 1)), _vmem((cfg.bq, 1)), _vmem((cfg.bq, h))]
+    scratch = [_vmem((cfg.bq, 1)), _vmem((cfg.bq, 1)), _vmem((cfg.bq, q.shape[-1]))]
     prefetch = list(ranges) if cfg.dynamic else []
     o, lse_rows = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, nq=nq, nk=nk),
-        grid_spec=_grid_spec(
-            (bsz, n_heads, nq, nk), in_specs, out_specs, scratch, len(prefetch)
-        ),
+        grid_spec=_grid_spec((bsz, n_heads, nq, nk), in_specs, out_specs, scratch, len(prefetch)),
         out_shape=[
-            jax.ShapeDtypeStruct((bsz, n_heads, t_pad, h), jnp.float32),
+            jax.ShapeDtypeStruct(args[0].shape, jnp.float32),
             jax.ShapeDtypeStruct((bsz, n_heads, 8, t_pad), jnp.float32),
         ],
         compiler_params=_params(interpret, "parallel", "parallel", "parallel", "arbitrary"),
         interpret=interpret,
         name="softjax_attn_fwd",
     )(*prefetch, *args)
-    return o, lse_rows[:, :, 0]
+    return q_heads.restore(o), lse_rows[:, :, 0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,7 +264,15 @@ def _dq_kernel(*refs, cfg: Config, nq: int, nk: int):
         bias = None if bias_ref is None else bias_ref[...]
         k = k_ref[...]
         _, ds, dz = tiles.tile_grads(
-            q_ref[...], k, v_ref[...], do_ref[...], lse, delta, *_scale_cap(consts_ref, cfg), bias, ok
+            q_ref[...],
+            k,
+            v_ref[...],
+            do_ref[...],
+            lse,
+            delta,
+            *_scale_cap(consts_ref, cfg),
+            bias,
+            ok,
         )
         acc_ref[...] += tiles.dot(dz, k, (1, 0))
         if ds_ref is not None:
@@ -302,13 +333,15 @@ def _dkv_kernel(*refs, cfg: Config, nq: int, nk: int):
 def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, interpret: bool):
     """``(dq, dk, dv, ds)``: ``ds`` ``[B, N, T, S]`` float32 only with a bias (else None).
 
-    ``do`` ``[B, N, T, H]``; ``rows`` ``[B, N, 8, T]`` float32 with the lse (``+inf`` on
+    ``do`` ``[B, T, N, H]``; ``rows`` ``[B, N, 8, T]`` float32 with the lse (``+inf`` on
     empty rows) in row 0 and ``delta`` in row 1; the rest as :func:`forward`.
     """
-    bsz, n_heads, t_pad, h = q.shape
-    kv_heads, s_pad = k.shape[1], k.shape[2]
+    bsz, t_pad, n_heads, h = q.shape
+    s_pad, num_kv = k.shape[1], k.shape[2]
     nq, nk = t_pad // cfg.bq, s_pad // cfg.bk
     g = cfg.group
+    q_heads, kv_heads = Heads(q.shape), Heads(k.shape)
+    arrays = [q_heads.array(q), kv_heads.array(k), kv_heads.array(v), q_heads.array(do)]
     prefetch = list(ranges) if cfg.dynamic else []
     consts_spec = pl.BlockSpec((1, 2), lambda *_: (0, 0))
 
@@ -317,13 +350,11 @@ def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, inte
         lo, hi = tiles.key_blocks(cfg, i, nk)
         return b, n, i, _clip(j, lo, hi)
 
-    q_spec = pl.BlockSpec((None, None, cfg.bq, h), lambda b, n, i, j, *_: (b, n, i, 0))
-    kv_spec = pl.BlockSpec(
-        (None, None, cfg.bk, h), lambda *a: (dq_ids(*a)[0], tiles.div(a[1], g), dq_ids(*a)[3], 0)
-    )
+    q_spec = q_heads.spec(cfg.bq, lambda b, n, i, j, *_: (b, n, i))
+    kv_spec = kv_heads.spec(cfg.bk, lambda *a: (a[0], tiles.div(a[1], g), dq_ids(*a)[3]))
     rows_spec = pl.BlockSpec((None, None, 8, cfg.bq), lambda b, n, i, j, *_: (b, n, 0, i))
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, rows_spec, consts_spec]
-    args = [q, k, v, do, rows, consts]
+    args = [*arrays, rows, consts]
     if bias is not None:
         in_specs.append(_bias_spec(cfg, bias.shape, dq_ids))
         args.append(bias)
@@ -331,7 +362,7 @@ def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, inte
     in_specs += specs
     args += dyn
     out_specs = [q_spec]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    out_shape = [jax.ShapeDtypeStruct(arrays[0].shape, q.dtype)]
     if bias is not None:
         out_specs.append(
             pl.BlockSpec((None, None, cfg.bq, cfg.bk), lambda b, n, i, j, *_: (b, n, i, j))
@@ -347,32 +378,20 @@ def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, inte
         interpret=interpret,
         name="softjax_attn_dq",
     )(*prefetch, *args)
-    dq, ds = outs[0], (outs[1] if bias is not None else None)
+    dq, ds = q_heads.restore(outs[0]), (outs[1] if bias is not None else None)
 
     # dK, dV: grid (B, K, key blocks, G x query blocks).
     def dkv_ids(b, kh, j, r, *_):
         lo, hi = tiles.query_blocks(cfg, j, nq)
         return b, kh * g + tiles.div(r, nq), _clip(tiles.rem(r, nq), lo, hi), j
 
-    def q_index(*a):
-        b, n, i, _ = dkv_ids(*a)
-        return (b, n, i, 0)
-
-    def rows_index(*a):
-        b, n, i, _ = dkv_ids(*a)
-        return (b, n, 0, i)
-
-    q_spec = pl.BlockSpec((None, None, cfg.bq, h), q_index)
-    kv_spec = pl.BlockSpec((None, None, cfg.bk, h), lambda b, kh, j, r, *_: (b, kh, j, 0))
-    in_specs = [
-        q_spec,
-        kv_spec,
-        kv_spec,
-        q_spec,
-        pl.BlockSpec((None, None, 8, cfg.bq), rows_index),
-        consts_spec,
-    ]
-    args = [q, k, v, do, rows, consts]
+    q_spec = q_heads.spec(cfg.bq, lambda *a: dkv_ids(*a)[:3])
+    kv_spec = kv_heads.spec(cfg.bk, lambda b, kh, j, r, *_: (b, kh, j))
+    rows_spec = pl.BlockSpec(
+        (None, None, 8, cfg.bq), lambda *a: (*dkv_ids(*a)[:2], 0, dkv_ids(*a)[2])
+    )
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, rows_spec, consts_spec]
+    args = [*arrays, rows, consts]
     if bias is not None:
         in_specs.append(_bias_spec(cfg, bias.shape, dkv_ids))
         args.append(bias)
@@ -384,15 +403,15 @@ def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, inte
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, nq=nq, nk=nk),
         grid_spec=_grid_spec(
-            (bsz, kv_heads, nk, g * nq),
+            (bsz, num_kv, nk, g * nq),
             in_specs,
             [kv_spec, kv_spec],
             [_vmem((cfg.bk, h)), _vmem((cfg.bk, h))],
             len(prefetch),
         ),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[jax.ShapeDtypeStruct(args[1].shape, k.dtype)] * 2,
         compiler_params=_params(interpret, "parallel", "parallel", "parallel", "arbitrary"),
         interpret=interpret,
         name="softjax_attn_dkv",
     )(*prefetch, *args)
-    return dq, dk, dv, ds
+    return dq, kv_heads.restore(dk), kv_heads.restore(dv), ds
