@@ -128,7 +128,7 @@ def compile_for(target: str, fn, *shapes, as_default_device: bool = False) -> di
         "output_bytes": int(mem.output_size_in_bytes),
         "custom_calls": calls,
         "kernel": any(k in c for c in calls for k in KERNEL_CALLS),
-        "kernels": sorted(set(re.findall(r"softjax_lce_\w+", text))),
+        "kernels": sorted(set(re.findall(r"softjax_(?:lce|attn)_[a-z]+", text))),
         "hlo": "lowered" if hbm is None else "compiled",  # where calls and kernels were read
         "hbm_bytes": hbm,  # None where the executable's HLO cannot be printed
         "compile_s": round(seconds, 2),
@@ -212,6 +212,77 @@ def compile_family(target: str, shape=FAMILY_SHAPE, dtypes=("bfloat16", "float32
     return rows
 
 
+# Attention at long context (B=1, N=32 query heads, K=8 key/value heads, bfloat16): the sizes
+# the accelerator tests compile, as (T, H, mask) with T = S.
+ATTENTION_CASES = [
+    (t, h, mask) for t in (8192, 32768) for h in (128, 64) for mask in ("causal", "window")
+]
+ATTENTION_HEADS = (32, 8)
+WINDOW = (1024, 0)  # a sliding window of 1024 keys before each query (Mistral, Gemma 2)
+
+
+def attention_fn(impl: str, mask: str):
+    """``(q, k, v, dO) -> (O, dQ, dK, dV)`` of attention by ``impl``: the forward and
+    backward pass of a training step, with the output's cotangent given (an argument, not a
+    temporary of the executable)."""
+    import jax
+
+    import softjax
+
+    kw = {"is_causal": True} if mask == "causal" else {"local_window_size": WINDOW}
+
+    if impl in ("pallas", "chunked"):
+
+        def attend(q, k, v):
+            return softjax.dot_product_attention(q, k, v, implementation=impl, **kw)
+
+    elif impl in ("xla", "cudnn"):  # jax.nn's own implementations
+
+        def attend(q, k, v):
+            kw_nn = dict(kw)
+            if mask == "window":
+                kw_nn["local_window_size"] = WINDOW
+            return jax.nn.dot_product_attention(q, k, v, implementation=impl, **kw_nn)
+
+    elif impl == "tpu_flash":  # jax.experimental.pallas.ops.tpu: causal, no GQA, [B, N, T, H]
+        from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+        if mask != "causal":
+            raise NotImplementedError("the jax TPU flash attention kernel has no window")
+
+        def attend(q, k, v):
+            g = q.shape[2] // k.shape[2]
+            q_, k_, v_ = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+            k_, v_ = (x.repeat(g, axis=1) for x in (k_, v_))
+            scale = q.shape[-1] ** -0.5
+            out = tpu_flash.flash_attention(q_, k_, v_, causal=True, sm_scale=scale)
+            return out.transpose(0, 2, 1, 3)
+
+    else:
+        raise ValueError(f"unknown attention implementation {impl!r}")
+
+    def fwd_bwd(q, k, v, d_out):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return (out, *vjp(d_out))
+
+    return fwd_bwd
+
+
+def compile_attention(target: str, t_len: int, h: int, mask: str, impl: str) -> dict:
+    """:func:`compile_for` of :func:`attention_fn` at one case, with the size of the float32
+    scores ``[N, T, S]`` that a materialising implementation would keep."""
+    import jax.numpy as jnp
+
+    n, k = ATTENTION_HEADS
+    q = ((1, t_len, n, h), jnp.bfloat16)
+    kv = ((1, t_len, k, h), jnp.bfloat16)
+    out = compile_for(target, attention_fn(impl, mask), q, kv, kv, q)
+    out.update(
+        op="attention", impl=impl, t=t_len, h=h, mask=mask, scores_f32_bytes=n * t_len**2 * 4
+    )
+    return out
+
+
 def in_subprocess(target: str, *flags: str, timeout: int = 3600) -> list[dict]:
     """This module's JSON rows for ``target`` with ``flags``, from a process of its own (libtpu
     serves one TPU generation per process); one row with an ``error`` if that process failed."""
@@ -234,9 +305,12 @@ def main(argv=None) -> int:
         "--impl", action="append", default=[], help="pallas, chunked, naive, tokamax"
     )
     parser.add_argument(
-        "--family", choices=["softmax"], default=None,
-        help="compile softmax, log_softmax, logsumexp and their jax.nn peers instead of a loss",
+        "--family", choices=["softmax", "attention"], default=None,
+        help="compile softmax, log_softmax, logsumexp and their jax.nn peers, or attention "
+        "fwd+bwd (--impl pallas, chunked, xla, cudnn, tpu_flash; --case T,H,mask), "
+        "instead of a loss",
     )  # fmt: skip
+    parser.add_argument("--case", action="append", default=[], help="attention: T,H,mask")
     args = parser.parse_args(argv)
     sys.argv = sys.argv[:1]  # tokamax parses absl flags from sys.argv, which are ours
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -252,6 +326,18 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    if args.family == "attention":
+        cases = [(int(t), int(h), m) for t, h, m in (c.split(",") for c in args.case)]
+        for t_len, h, mask in cases or ATTENTION_CASES:
+            for impl in args.impl or ["pallas"]:
+                try:
+                    out = compile_attention(args.target, t_len, h, mask, impl)
+                except Exception as e:  # report and go on, as for the heads
+                    msg = str(e).strip().splitlines()
+                    out = dict(target=args.target, op="attention", impl=impl, t=t_len, h=h,
+                               mask=mask, error=msg[:3])  # fmt: skip
+                print(json.dumps(out), flush=True)
+        return 0
     if args.family:
         for out in compile_family(args.target):
             print(json.dumps(out), flush=True)

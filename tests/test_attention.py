@@ -485,7 +485,11 @@ def test_chunked_jvp_raises():
         ({"logit_softcap": 0.0}, ValueError, "logit_softcap must be"),
         ({"dropout_rate": 0.1}, ValueError, "dropout_rng"),
         ({"dropout_rate": 1.0, "dropout_rng": jax.random.key(0)}, ValueError, "dropout_rate"),
-        ({"implementation": "pallas"}, NotImplementedError, "pallas"),
+        (
+            {"implementation": "pallas", "dropout_rate": 0.1, "dropout_rng": jax.random.key(0)},
+            NotImplementedError,
+            "dropout is not implemented by the attention kernels",
+        ),
         ({"implementation": "fast"}, ValueError, "implementation must be"),
         ({"query_seq_lengths": jnp.ones((3,), int)}, ValueError, "query_seq_lengths"),
         ({"segment_ids": jnp.ones((2, 20), int)}, ValueError, "key/value segment_ids"),
