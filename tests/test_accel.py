@@ -117,3 +117,66 @@ def test_softmax_family_moves_the_bytes_of_jax_nn_and_keeps_no_full_size_temp(ta
             assert ours["temp_bytes"] <= 0.01 * 8192 * 131072 * 4, (op, dtype, ours["temp_bytes"])
             # Two reads of x for the row max and sum, one for the output, one write.
             assert ours["hbm_bytes"] <= 1.01 * peer["hbm_bytes"], (op, dtype, ours, peer)
+
+
+# ---------------------------------------------------------------------------------------
+# Attention kernels at long context: B=1, N=32 query heads, K=8 key/value heads, bfloat16.
+
+# (T, H, mask) compiled by default; every case of deviceless.ATTENTION_CASES under `slow`
+# (a TPU compiles the three kernels of one case in about 30 s here).
+ATTENTION_DEFAULT = [(8192, 128, "causal"), (32768, 128, "causal")]
+ATTENTION_KERNELS = ["softjax_attn_dkv", "softjax_attn_dq", "softjax_attn_fwd"]
+# At T = 8192 the executable keeps at most this fraction of the float32 scores [N, T, S]
+# (the saved float32 output and logsumexp, linear in T).
+SCORES_FRACTION = 0.02
+
+
+@functools.cache
+def compiled_attention(target: str, cases: tuple) -> dict:
+    """``{(T, H, mask): row}`` of ``bench.deviceless --family attention`` for ``target``."""
+    missing = deviceless.available(target)
+    if missing:
+        pytest.skip(f"compiling for {target} needs {missing} (the accel extra)")
+    flags = ["--family", "attention", "--impl", "pallas"]
+    for t_len, h, mask in cases:
+        flags += ["--case", f"{t_len},{h},{mask}"]
+    rows = deviceless.in_subprocess(target, *flags, timeout=1800)
+    assert all("error" not in r for r in rows), rows
+    return {(r["t"], r["h"], r["mask"]): r for r in rows}
+
+
+def _attention_pair(target, h, mask, cases):
+    got = compiled_attention(target, tuple(cases))
+    short, long = got[8192, h, mask], got[32768, h, mask]
+    for row in (short, long):
+        # The executable holds the three compiled kernels, not an interpreted loop.
+        assert row["kernel"], row["custom_calls"]
+        assert row["kernels"] == ATTENTION_KERNELS, row["kernels"]
+    # Linear in T: four times the tokens, four times the memory (quadratic would be 16
+    # times), give or take the compiler's reuse of buffers (v6e keeps 4.2 times).
+    assert long["temp_bytes"] <= 4.4 * short["temp_bytes"], (short, long)
+    return short
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_attention_kernels_compile_with_temp_linear_in_t(target):
+    short = _attention_pair(target, 128, "causal", ATTENTION_DEFAULT)
+    limit = SCORES_FRACTION * short["scores_f32_bytes"]
+    assert short["temp_bytes"] <= limit, (
+        f"{target}: temp {short['temp_bytes'] / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB "
+        "(2 % of the float32 scores at T = 8192)"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("h, mask", [(128, "window"), (64, "causal"), (64, "window")])
+@pytest.mark.parametrize("target", TARGETS)
+def test_attention_kernels_compile_every_case(target, h, mask):
+    short = _attention_pair(target, h, mask, deviceless.ATTENTION_CASES)
+    limit = SCORES_FRACTION * short["scores_f32_bytes"]
+    if h == 64 and target != "h200":
+        # XLA's TPU layout of a [B, T, N, 64] array puts T on the lanes (64 would waste half
+        # of them): q, k, v, dO, dQ, dK and dV are relaid for the kernels' row blocks, and
+        # the float32 output is lane-padded. The kernels' own memory is what is linear.
+        limit *= 2
+    assert short["temp_bytes"] <= limit, (target, h, mask, short["temp_bytes"])

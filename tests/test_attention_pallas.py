@@ -25,7 +25,7 @@ from softjax._attention.api import _segments, _window
 from softjax._attention.pallas_gpu import CUSTOM_CALL
 
 F32 = np.float32
-FAMILIES = ["tpu", "gpu"]
+FAMILIES = ["tpu", "tpu_per_head", "gpu"]
 
 
 def flash(q, k, v, bias=None, mask=None, *, family, scale=None, **kw):

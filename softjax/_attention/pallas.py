@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._lowering import platform_dependent
-from . import pallas_gpu, pallas_tpu
+from . import pallas_gpu, pallas_tpu, pallas_tpu_heads
 from .tiles import Config
 
 # Block sizes (query, key) per family. TPU: lanes are 128 wide and a [512, 512] float32 tile
@@ -91,8 +91,20 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _blocks(family: str, interpret: bool, t_len: int, s_len: int) -> tuple[int, int]:
-    """``(bq, bk)`` for a family at these lengths."""
+def _kernels(family: str, opts: Options):
+    """The kernel module of ``family`` for a call: on TPU the all-heads kernels
+    (``pallas_tpu_heads``, no relayout of the operands) unless the bias has a head axis, or
+    the per-head ones when pinned (``"tpu_per_head"``, tests)."""
+    if family == "gpu":
+        return pallas_gpu
+    if family == "tpu_per_head" or (opts.bias_axes is not None and opts.bias_axes[1]):
+        return pallas_tpu
+    return pallas_tpu_heads
+
+
+def _blocks(family: str, interpret: bool, t_len: int, s_len: int, heads) -> tuple[int, int]:
+    """``(bq, bk)`` for a family at these lengths (``heads``: ``(N, H)``, and whether the
+    all-heads TPU kernels serve the call)."""
     if family == "gpu":  # Triton: powers of two, at least 16
         bq, bk = INTERPRET_BLOCKS if interpret else GPU_BLOCKS
         return min(bq, max(16, _pow2_at_least(t_len))), min(bk, max(16, _pow2_at_least(s_len)))
@@ -100,6 +112,9 @@ def _blocks(family: str, interpret: bool, t_len: int, s_len: int) -> tuple[int, 
         bq, bk = INTERPRET_BLOCKS
         return min(bq, _round_up(t_len, 8)), min(bk, _round_up(s_len, 8))
     bq, bk = TPU_BLOCKS
+    n_heads, h, all_heads = heads
+    if all_heads:
+        bq = pallas_tpu_heads.block_q(n_heads, h, bq)
     return min(bq, _round_up(t_len, 128)), min(bk, _round_up(s_len, 128))
 
 
@@ -150,7 +165,8 @@ def _prepare(opts: Options, family: str, interpret: bool, q, k, v, bias, dyn) ->
     """Everything a family's kernels take, padded to its whole blocks."""
     bsz, t_len = q.shape[:2]
     s_len = k.shape[1]
-    bq, bk = _blocks(family, interpret, t_len, s_len)
+    all_heads = _kernels(family, opts) is pallas_tpu_heads
+    bq, bk = _blocks(family, interpret, t_len, s_len, (*q.shape[2:], all_heads))
     t_pad, s_pad = _round_up(t_len, bq), _round_up(s_len, bk)
     cfg = Config(*opts[:2], t_len, s_len, opts.group, bq, bk, *opts[3:])
     info = ranges = None
@@ -163,11 +179,8 @@ def _prepare(opts: Options, family: str, interpret: bool, q, k, v, bias, dyn) ->
     return _Padded(cfg, _pad(q, 1, t_pad), _pad(k, 1, s_pad), _pad(v, 1, s_pad), bias, info, ranges)
 
 
-_FAMILIES = {"tpu": pallas_tpu, "gpu": pallas_gpu}
-
-
 def _forward_on(family: str, interpret: bool, opts: Options, q, k, v, bias, consts, dyn):
-    kernels = _FAMILIES.get(family, pallas_tpu)
+    kernels = _kernels(family, opts)
     pad = _prepare(opts, family, interpret, q, k, v, bias, dyn)
     o, lse = kernels.forward(
         pad.q, pad.k, pad.v, consts, pad.bias, pad.info, pad.ranges,
@@ -178,7 +191,7 @@ def _forward_on(family: str, interpret: bool, opts: Options, q, k, v, bias, cons
 
 
 def _backward_on(family, interpret, opts: Options, q, k, v, bias, consts, dyn, rows, do):
-    kernels = _FAMILIES.get(family, pallas_tpu)
+    kernels = _kernels(family, opts)
     pad = _prepare(opts, family, interpret, q, k, v, bias, dyn)
     t_pad = pad.q.shape[1]
     dq, dk, dv, ds = kernels.backward(

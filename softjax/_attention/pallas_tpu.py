@@ -45,10 +45,10 @@ def _params(interpret: bool, *semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=VMEM_LIMIT_BYTES)
 
 
-def _vmem(shape):
+def _vmem(shape, dtype=jnp.float32):
     from jax.experimental.pallas import tpu as pltpu
 
-    return pltpu.VMEM(shape, jnp.float32)
+    return pltpu.VMEM(shape, dtype)
 
 
 def _grid_spec(grid, in_specs, out_specs, scratch, num_prefetch):
