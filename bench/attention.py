@@ -6,7 +6,11 @@ Rows (B=1, N=8, H=64, float32, causal, the issue's case T=4096):
   measured interleaved in one process;
 - compiled temp memory of forward+backward (exact, compile only) against T, up to T=32768
   (compile only; the run at T=32768 only with --large);
-- the xla/chunked crossover at short T that sets ``implementation=None``'s choice on CPU.
+- the xla/chunked crossover at short T that sets ``implementation=None``'s choice on CPU;
+- the flash attention kernels (``implementation="pallas"``) compiled for an H200 (and, with
+  ``--full``, TPU v5e/v6e/v5p) at B=1, T=8192, N=32/K=8, H=128, bf16, fwd+bwd: temp memory
+  and HBM bytes beside softjax chunked, jax.nn (xla; cudnn on the H200) and the jax TPU
+  flash kernel (``bench.deviceless --family attention``; nothing runs).
 A PNG of time and memory against T goes to ``args.out``.
 """
 
@@ -20,6 +24,7 @@ import numpy as np
 
 import softjax
 
+from . import deviceless
 from .harness import Rows, note, ratio_columns, temp_bytes, tier, timings
 
 N, H = 8, 64
@@ -208,6 +213,65 @@ def _plot(curve, path):
     plt.close(fig)
 
 
+# The peers compiled beside softjax's kernels per target, and the cases per tier.
+KERNEL_PEERS = {"h200": ["cudnn"], "v5e": ["tpu_flash"], "v6e": ["tpu_flash"], "v5p": ["tpu_flash"]}
+PEER_LABELS = {
+    "chunked": "softjax chunked",
+    "xla": "jax.nn xla",
+    "cudnn": "jax.nn cudnn",
+    "tpu_flash": "jax tpu flash_attention",
+}
+KERNEL_CASES = {
+    "default": [(8192, 128, "causal")],
+    "full": [(8192, 128, "causal"), (8192, 128, "window")],
+}
+
+
+def target_rows(targets, cases) -> list[dict]:
+    """fwd+bwd of the attention kernels compiled for each target (nothing run): temp memory
+    and HBM bytes of softjax pallas beside softjax chunked, jax.nn and the target's peer.
+
+    HBM bytes count each kernel's operands and results once: what a kernel re-reads inside
+    (K/V blocks, once per query block) is not seen, for softjax's kernels and the peers'
+    alike, so those compare with each other and not with the XLA loops of chunked/xla."""
+    rows = Rows()
+    for target in targets:
+        missing = deviceless.available(target)
+        if missing:
+            note(f"{target} attention rows skipped: compiling needs {missing} (the accel extra)")
+            continue
+        impls = ["pallas", "chunked", "xla", *KERNEL_PEERS[target]]
+        flags = ["--family", "attention", *(f for i in impls for f in ("--impl", i))]
+        flags += [f for c in cases for f in ("--case", ",".join(map(str, c)))]
+        got = {}
+        for r in deviceless.in_subprocess(target, *flags):
+            if "impl" not in r:  # the process failed
+                note(f"{target} attention rows failed: {r.get('error')}")
+                break
+            got[r["t"], r["h"], r["mask"], r["impl"]] = r
+        for (t_len, h, mask, impl), ours in got.items():
+            if impl != "pallas":
+                continue
+            for peer_name in impls[1:]:
+                peer = got.get((t_len, h, mask, peer_name), {})
+                label = PEER_LABELS[peer_name]
+                if "error" in peer:
+                    note(f"{target} {label} T={t_len} {mask}: {peer['error'][0][:120]}")
+                rows.append(
+                    dict(op="attention pallas", dtype="bfloat16", peer=label,
+                         case=f"{target} compiled T={t_len} N=32/8 H={h} {mask} fwd+bwd",
+                         softjax_MiB=_mib(ours.get("temp_bytes")),
+                         peer_MiB=_mib(peer.get("temp_bytes")),
+                         softjax_HBM_GiB=_gib(ours.get("hbm_bytes")),
+                         peer_HBM_GiB=_gib(peer.get("hbm_bytes")))
+                )  # fmt: skip
+    return rows
+
+
+def _gib(n):
+    return None if n is None else n / 2**30
+
+
 def run(args) -> list[dict]:
     reps = args.reps or tier(args, 2, 3, 3)
     rows = _headline(tier(args, 512, 2048, 4096), reps)
@@ -218,6 +282,9 @@ def run(args) -> list[dict]:
     scaling_rows, curve = _scaling(lengths, timed, args.large, reps)
     rows += scaling_rows
     rows += _crossover(tier(args, [128, 256], [256, 512, 1024], [256, 512, 1024, 2048]), reps)
+    if not args.quick:  # an H200 by default, every target with --full
+        targets = deviceless.TARGETS if args.full else ("h200",)
+        rows += target_rows(targets, KERNEL_CASES["full" if args.full else "default"])
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "attention.png")
     try:

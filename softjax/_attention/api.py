@@ -248,9 +248,14 @@ def dot_product_attention(
       implementation: ``"xla"`` materialises the ``[B, N, T, S]`` scores (fast for short
         sequences, the reference); ``"chunked"`` streams over blocks of ``block_q`` queries and
         ``block_k`` keys with a custom VJP, memory linear in T and S, skipping blocks hidden
-        by the causal mask or the window; ``None`` picks ``"xla"`` on CPU below
-        ``T * S = 512**2`` and ``"chunked"`` otherwise.
-      block_q, block_k: block sizes of ``"chunked"`` (clipped to the lengths). ``block_q=None``
+        by the causal mask or the window; ``"pallas"`` runs flash attention kernels (Mosaic
+        on TPU, Triton on GPU, interpreted on CPU; chosen when lowering) on the inputs as
+        they are, ``bf16`` in HBM, with every option but dropout (which raises
+        ``NotImplementedError``: the kernels do not regenerate the dropout hash) and no
+        float64; ``None`` picks ``"xla"`` on CPU below ``T * S = 512**2`` and
+        ``"chunked"`` otherwise (``"pallas"`` only when named).
+      block_q, block_k: block sizes of ``"chunked"`` (clipped to the lengths); ``"pallas"``
+        sizes its blocks per chip. ``block_q=None``
         is 512 where that pads T no further than 256 would, else 256: twice the work per loop
         step keeps more cores busy (fwd+bwd 1.1-1.4x faster on two CPU cores at T=1024-8192).
 
@@ -263,11 +268,15 @@ def dot_product_attention(
     (fully masked, outside its length, a bias of ``-inf`` everywhere) gives output exactly 0,
     lse ``-inf`` and zero gradients, never NaN and never the average of ``value``.
 
-    Differentiation: reverse mode (``grad``, ``vjp``) works with both implementations, for
-    ``query``, ``key``, ``value``, ``bias`` and through the lse; ``"chunked"`` recomputes the
-    scores block by block in its backward pass, saving only the output and the lse.
-    Higher-order derivatives and forward mode (``jvp``, ``jacfwd``) are supported by
-    ``"xla"`` only; ``"chunked"`` raises for ``jvp`` (its custom VJP defines no JVP).
+    Differentiation: reverse mode (``grad``, ``vjp``) works with every implementation, for
+    ``query``, ``key``, ``value``, ``bias`` and through the lse; ``"chunked"`` and
+    ``"pallas"`` recompute the scores block by block in their backward pass, saving only the
+    (float32) output and the lse; ``"pallas"`` with a ``bias`` or ``mask`` also writes the
+    float32 score gradient ``[B, N|1, T, S]`` (the bias's gradient), the one quadratic
+    buffer of that path, and takes ``scale`` as a constant for differentiation (as every
+    path takes ``logit_softcap``). Higher-order derivatives and forward mode (``jvp``, ``jacfwd``) are
+    supported by ``"xla"`` only; the others raise for ``jvp`` (their custom VJPs define no
+    JVP).
 
     Example:
       >>> import jax, softjax

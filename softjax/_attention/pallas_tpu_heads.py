@@ -217,9 +217,7 @@ def forward(q, k, v, consts, bias, info, ranges, *, cfg: Config, interpret: bool
     ]
     o, lse_rows = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, nq=nq, nk=nk, n_heads=n_heads, num_kv=num_kv),
-        grid_spec=_grid_spec(
-            (bsz, nq, nk), in_specs + specs, out_specs, scratch, len(prefetch)
-        ),
+        grid_spec=_grid_spec((bsz, nq, nk), in_specs + specs, out_specs, scratch, len(prefetch)),
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, jnp.float32),
             jax.ShapeDtypeStruct((bsz, n_heads, 8, t_pad), jnp.float32),
