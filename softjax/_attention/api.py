@@ -274,9 +274,9 @@ def dot_product_attention(
     (float32) output and the lse; ``"pallas"`` with a ``bias`` or ``mask`` also writes the
     float32 score gradient ``[B, N|1, T, S]`` (the bias's gradient), the one quadratic
     buffer of that path, and takes ``scale`` as a constant for differentiation (as every
-    path takes ``logit_softcap``). Higher-order derivatives and forward mode (``jvp``, ``jacfwd``) are
-    supported by ``"xla"`` only; the others raise for ``jvp`` (their custom VJPs define no
-    JVP).
+    path takes ``logit_softcap``). Higher-order derivatives and forward mode (``jvp``,
+    ``jacfwd``) are supported by ``"xla"`` only; the others raise for ``jvp`` (their custom
+    VJPs define no JVP).
 
     Example:
       >>> import jax, softjax
