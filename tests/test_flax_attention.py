@@ -18,7 +18,7 @@ def _row_complete_mask(b, t, s, seed=0):
     return jnp.asarray(mask)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "pallas"])
 def test_linen_module_matches_flax_attention(impl):
     nn = linen
     x = jax.random.normal(jax.random.key(0), (2, 3, 24, 16), jnp.float32)  # two batch axes
