@@ -11,6 +11,12 @@ deviceless compilation proves it compiles for the chip); this runs them on the c
 2. **Heads.** The accelerator table's heads that fit in memory: pallas against chunked
    (values, gradients) and the time of ``value_and_grad`` for pallas, chunked and the naive
    ``x @ w.T`` + optax, interleaved medians.
+3. **Attention.** ``dot_product_attention(implementation="pallas")`` against ``"chunked"``
+   (output, lse and the gradients of q, k, v and the bias) for every option at ragged
+   lengths, bf16 and float32; then fwd+bwd time at B=1, N=32/K=8, H=128, bf16, T=8192 and
+   32768, causal and sliding window, beside ``"chunked"`` and the chip's own kernel
+   (``jax.nn.dot_product_attention(implementation="cudnn")`` on a GPU, the jax TPU flash
+   kernel on a TPU, causal only), interleaved medians.
 
 Writes ``<out>/device_check.json`` and prints a short table; exits non-zero when any check
 fails. One command, a few minutes::
@@ -154,6 +160,110 @@ def head_row(name, head, reps) -> dict:
     return row
 
 
+# name -> keyword arguments of dot_product_attention for the attention agreement.
+ATTENTION_OPTIONS = {
+    "plain": {},
+    "causal": {"is_causal": True},
+    "window": {"local_window_size": (100, 0)},
+    "lengths": {"lengths": True},
+    "segments": {"segments": True},
+    "softcap": {"logit_softcap": 20.0, "is_causal": True},
+    "bias": {"bias": True},
+    "mask": {"mask": True},
+}
+# Ragged attention sizes (T = S): no length a multiple of any block.
+ATTENTION_RAGGED = [1000, 2053]
+
+
+def attention_inputs(t_len, n, k, h, dtype, name, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    q = jax.random.normal(keys[0], (2, t_len, n, h), jnp.float32).astype(dtype)
+    kk, v = (jax.random.normal(c, (2, t_len, k, h), jnp.float32).astype(dtype) for c in keys[1:3])
+    kw = dict(ATTENTION_OPTIONS[name])
+    bias = None
+    if kw.pop("bias", False):
+        bias = jax.random.normal(keys[3], (1, n, t_len, t_len), jnp.float32)
+    if kw.pop("mask", False):
+        kw["mask"] = jax.random.bernoulli(keys[4], 0.8, (2, 1, t_len, t_len))
+    if kw.pop("lengths", False):
+        kw["query_seq_lengths"] = jnp.array([t_len, t_len // 3], jnp.int32)
+        kw["key_value_seq_lengths"] = jnp.array([t_len // 2, t_len], jnp.int32)
+    if kw.pop("segments", False):
+        kw["segment_ids"] = jnp.sort(jax.random.randint(keys[5], (2, t_len), 0, 4), axis=-1)
+    return (q, kk, v, bias), kw
+
+
+def attention_grad_fn(impl, kw):
+    import softjax
+
+    def loss(q, k, v, bias):
+        out, lse = softjax.dot_product_attention(
+            q, k, v, bias, return_lse=True, implementation=impl, **kw
+        )
+        w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+        lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        return jnp.sum(out.astype(jnp.float32) * w) + 0.1 * jnp.sum(lse), (out, lse)
+
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))
+
+
+def attention_agreement(t_len, dtype, name) -> dict:
+    args, kw = attention_inputs(t_len, 8, 2, 128, dtype, name)
+    got = attention_grad_fn("pallas", kw)(*args)
+    want = attention_grad_fn("chunked", kw)(*args)
+    # Leaves: the loss, the output, the lse, then the gradients.
+    pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+    lse, lse_want = (np.asarray(x) for x in pairs[2])
+    same_empty = bool(np.array_equal(np.isfinite(lse), np.isfinite(lse_want)))
+    finite_lse = np.isfinite(lse_want)
+    errs = [rel_err(g, r) for g, r in pairs[:2] + pairs[3:]]
+    err_lse = rel_err(lse[finite_lse], lse_want[finite_lse])
+    finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g, _ in pairs[3:])
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    ok = finite and same_empty and max(errs + [err_lse]) <= tol
+    case = f"T={t_len} {jnp.dtype(dtype).name} {name}"
+    return dict(check="attention_agreement", case=case, err_out=errs[1], err_lse=err_lse,
+                err_grads=max(errs[2:]), ok=ok)  # fmt: skip
+
+
+def attention_timing(t_len, mask, reps) -> dict:
+    import softjax
+
+    dev = jax.devices()[0]
+    (q, k, v, _), _ = attention_inputs(t_len, 32, 8, 128, jnp.bfloat16, "plain")
+    q, k, v = q[:1], k[:1], v[:1]
+    kw = {"is_causal": True} if mask == "causal" else {"local_window_size": (1024, 0)}
+
+    def ours(impl):
+        return lambda q, k, v: softjax.dot_product_attention(q, k, v, implementation=impl, **kw)
+
+    fns = {"pallas": ours("pallas"), "chunked": ours("chunked")}
+    if dev.platform == "gpu":
+        fns["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, implementation="cudnn", **kw
+        )
+    elif dev.platform == "tpu" and mask == "causal":
+        fns["tpu_flash"] = deviceless.attention_fn("tpu_flash", mask)
+    fwd_bwd = {}
+    for name, fn in fns.items():
+        if name == "tpu_flash":  # already (q, k, v, dO) -> (O, dQ, dK, dV)
+            fwd_bwd[name] = jax.jit(lambda q, k, v, fn=fn: fn(q, k, v, q))
+        else:
+            fwd_bwd[name] = jax.jit(
+                lambda q, k, v, fn=fn: jax.grad(
+                    lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), (0, 1, 2)
+                )(q, k, v)
+            )
+    row = dict(check="attention_time", case=f"T={t_len} N=32/8 H=128 bf16 {mask}", ok=True)
+    names = list(fwd_bwd)
+    try:
+        times = median_times([fwd_bwd[n] for n in names], (q, k, v), reps=reps, warmup=1)
+        row.update({f"{n}_ms": t * 1e3 for n, t in zip(names, times, strict=True)})
+    except Exception as e:  # a peer may refuse a case (cudnn versions, memory)
+        row["time_error"] = str(e).splitlines()[0][:200]
+    return row
+
+
 def run_all(args) -> list[dict]:
     rows = []
 
@@ -175,6 +285,13 @@ def run_all(args) -> list[dict]:
                     record(agreement, n, d, v, dtype, name, reduction)
     for name in args.heads if not args.smoke else []:
         record(head_row, name, deviceless.HEADS[name], args.reps)
+    for t_len in ATTENTION_RAGGED if not args.smoke else [37]:
+        for dtype in (jnp.bfloat16, jnp.float32):
+            for name in ATTENTION_OPTIONS if not args.smoke else ["causal", "segments"]:
+                record(attention_agreement, t_len, dtype, name)
+    for t_len in (8192, 32768) if not args.smoke else []:
+        for mask in ("causal", "window"):
+            record(attention_timing, t_len, mask, args.reps)
     return rows
 
 
@@ -197,11 +314,12 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, "device_check.json")
     with open(path, "w") as f:
         json.dump({"device": dev.device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
-    print(f"\n{'case':<48} {'ok':<5} {'err':<9} {'pallas_ms':>9} {'xla_ms':>8} {'naive_ms':>8}")
+    peers = ("pallas_ms", "chunked_ms", "naive_ms", "cudnn_ms", "tpu_flash_ms")
+    print(f"\n{'case':<48} {'ok':<5} {'err':<9} " + " ".join(f"{p:>12}" for p in peers))
     for r in rows:
-        err = max(r.get(k, float("nan")) for k in ("err_loss", "err_dx", "err_dw"))
-        ms = [f"{r[k]:.2f}" if k in r else "-" for k in ("pallas_ms", "xla_ms", "naive_ms")]
-        print(f"{r['case']:<48} {r['ok']!s:<5} {err:<9.2e} {ms[0]:>9} {ms[1]:>8} {ms[2]:>8}")
+        err = max([r[k] for k in r if k.startswith("err_")], default=float("nan"))
+        ms = [f"{r[k]:.2f}" if k in r else "-" for k in peers]
+        print(f"{r['case']:<48} {r['ok']!s:<5} {err:<9.2e} " + " ".join(f"{m:>12}" for m in ms))
     failed = [r["case"] for r in rows if not r["ok"]]
     print(f"\nwrote {path}; {len(rows) - len(failed)}/{len(rows)} checks pass")
     return 1 if failed else 0

@@ -56,7 +56,9 @@ def test_device_check_smoke_agrees_on_this_backend(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert (tmp_path / "device_check.json").exists()
-    assert "6/6 checks pass" in out
+    # Six loss agreements (bf16 and float32, each reduction) and four attention ones.
+    assert "10/10 checks pass" in out
+    assert out.count('"check": "attention_agreement"') == 4
 
 
 def test_device_check_refuses_to_call_a_cpu_run_native(tmp_path):
