@@ -62,6 +62,7 @@ class Options(NamedTuple):
     bias_axes: tuple[bool, bool, bool, bool] | None
     dynamic: bool
     softcap: bool
+    bias_grad: bool
 
 
 class Dynamic(NamedTuple):
@@ -236,7 +237,7 @@ def _bwd(opts, family, res, cts):
     args = (opts, q, k, v, bias, consts, dyn, rows, d_out.astype(q.dtype))
     dq, dk, dv, ds = _per_platform(_backward_on, *args, family=family)
     dbias = None
-    if bias is not None:
+    if ds is not None:
         axes = tuple(a for a in range(4) if bias.shape[a] == 1 and ds.shape[a] != 1)
         dbias = jnp.sum(ds, axis=axes, keepdims=True).astype(bias.dtype)
     none = jax.tree.map(lambda _: None, (consts, dyn))
@@ -257,6 +258,7 @@ def attention(
     default the platform's own family.
     """
     n_heads, kv_heads = query.shape[2], key.shape[2]
+    bias_grad = bias is not None  # a bias made of the mask alone is a constant
     if mask is not None:
         fill = jnp.zeros((), jnp.bfloat16) if bias is None else bias
         bias = jnp.where(mask, fill, -jnp.inf)
@@ -269,6 +271,7 @@ def attention(
         bias_axes=None if bias is None else tuple(d != 1 for d in bias.shape),
         dynamic=any(x is not None for x in dyn),
         softcap=softcap is not None,
+        bias_grad=bias_grad,
     )
     cap = jnp.ones((), jnp.float32) if softcap is None else jnp.asarray(softcap, jnp.float32)
     consts = jnp.stack([jnp.asarray(scale, jnp.float32), cap]).reshape(1, 2)

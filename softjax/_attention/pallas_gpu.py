@@ -184,7 +184,7 @@ def forward(q, k, v, consts, bias, info, ranges, *, cfg: Config, interpret: bool
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref, *refs, cfg, nq, nk):
     refs = _Refs(refs, cfg)
-    dq_ref, *ds_ref = refs.rest[1:] if cfg.bias_axes is not None else refs.rest
+    dq_ref, *ds_ref = refs.rest[1:] if cfg.bias_grad else refs.rest
     b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = i * cfg.bq
     rows = pl.ds(t0, cfg.bq)
@@ -251,7 +251,7 @@ def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, inte
     common = [q, k, v, do, rows, consts, *_optional_args(cfg, bias, info, ranges)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, dtype)]
     args, aliases = common, None
-    if bias is not None:
+    if cfg.bias_grad:
         # Tiles no program visits keep the zeros they start with.
         ds0 = jnp.zeros((bsz, n_heads, t_pad, s_pad), jnp.float32)
         args, aliases = [*common, ds0], {len(common): 1}
@@ -265,7 +265,7 @@ def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, inte
         interpret,
         aliases=aliases,
     )
-    dq, ds = outs[0], (outs[1] if bias is not None else None)
+    dq, ds = outs[0], (outs[1] if cfg.bias_grad else None)
     dk, dv = _call(
         functools.partial(_dkv_kernel, cfg=cfg, nq=nq, nk=nk),
         (bsz, kv_heads, nk),

@@ -242,7 +242,7 @@ def _dq_kernel(*refs, cfg: Config, nq: int, nk: int):
     bias_ref = refs.pop(0) if cfg.bias_axes is not None else None
     qi_ref, ki_ref = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
     dq_ref = refs.pop(0)
-    ds_ref = refs.pop(0) if cfg.bias_axes is not None else None
+    ds_ref = refs.pop(0) if cfg.bias_grad else None
     (acc_ref,) = refs
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -331,7 +331,8 @@ def _dkv_kernel(*refs, cfg: Config, nq: int, nk: int):
 
 
 def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, interpret: bool):
-    """``(dq, dk, dv, ds)``: ``ds`` ``[B, N, T, S]`` float32 only with a bias (else None).
+    """``(dq, dk, dv, ds)``: ``ds`` ``[B, N, T, S]`` float32 when ``cfg.bias_grad`` (else
+    None).
 
     ``do`` ``[B, T, N, H]``; ``rows`` ``[B, N, 8, T]`` float32 with the lse (``+inf`` on
     empty rows) in row 0 and ``delta`` in row 1; the rest as :func:`forward`.
@@ -363,7 +364,7 @@ def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, inte
     args += dyn
     out_specs = [q_spec]
     out_shape = [jax.ShapeDtypeStruct(arrays[0].shape, q.dtype)]
-    if bias is not None:
+    if cfg.bias_grad:
         out_specs.append(
             pl.BlockSpec((None, None, cfg.bq, cfg.bk), lambda b, n, i, j, *_: (b, n, i, j))
         )
@@ -378,7 +379,7 @@ def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, inte
         interpret=interpret,
         name="softjax_attn_dq",
     )(*prefetch, *args)
-    dq, ds = q_heads.restore(outs[0]), (outs[1] if bias is not None else None)
+    dq, ds = q_heads.restore(outs[0]), (outs[1] if cfg.bias_grad else None)
 
     # dK, dV: grid (B, K, key blocks, G x query blocks).
     def dkv_ids(b, kh, j, r, *_):

@@ -237,7 +237,7 @@ def _dq_kernel(*refs, cfg: Config, nq: int, nk: int, n_heads: int, num_kv: int):
     refs = _Refs(refs, cfg, 6)
     q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref = refs.inputs
     dq_ref, *rest = refs.rest
-    ds_ref = rest.pop(0) if cfg.bias_axes is not None else None
+    ds_ref = rest.pop(0) if cfg.bias_grad else None
     qt, dot_, kt, vt, acc_ref = rest
     b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
@@ -324,8 +324,8 @@ def _dkv_kernel(*refs, cfg: Config, nq: int, nk: int, n_heads: int, num_kv: int)
 
 
 def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, interpret: bool):
-    """``(dq, dk, dv, ds)``: ``ds`` ``[B, 1, T, S]`` float32 (summed over heads) only with a
-    bias; arguments as ``pallas_tpu.backward`` (a bias without a head axis)."""
+    """``(dq, dk, dv, ds)``: ``ds`` ``[B, 1, T, S]`` float32 (summed over heads) when
+    ``cfg.bias_grad``; arguments as ``pallas_tpu.backward`` (a bias without a head axis)."""
     bsz, t_pad, n_heads, h = q.shape
     s_pad, num_kv = k.shape[1], k.shape[2]
     nq, nk = t_pad // cfg.bq, s_pad // cfg.bk
@@ -356,7 +356,7 @@ def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, inte
     specs, dyn = _dynamic(cfg, info, dq_blocks)
     out_specs = [q_spec]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    if bias is not None:
+    if cfg.bias_grad:
         out_specs.append(
             pl.BlockSpec((None, None, cfg.bq, cfg.bk), lambda b, i, j, *_: (b, 0, i, j))
         )
@@ -375,7 +375,7 @@ def backward(q, k, v, do, rows, consts, bias, info, ranges, *, cfg: Config, inte
         interpret=interpret,
         name="softjax_attn_dq",
     )(*prefetch, *args, *dyn)
-    dq, ds = outs[0], (outs[1] if bias is not None else None)
+    dq, ds = outs[0], (outs[1] if cfg.bias_grad else None)
 
     # dK, dV: grid (B, key blocks, query blocks).
     def dkv_blocks(b, j, i, *_):

@@ -33,7 +33,9 @@ class Config(NamedTuple):
     ``t_len``/``s_len`` are the real lengths (the arrays may be padded to whole blocks);
     ``window`` is ``(left, right)``; ``bias_axes`` says which of ``(B, N, T, S)`` the bias
     has (False: broadcast, size 1), None without a bias; ``dynamic``: segment ids or
-    lengths are given (per-element masks from data); ``softcap``: a cap is given.
+    lengths are given (per-element masks from data); ``softcap``: a cap is given;
+    ``bias_grad``: the bias is differentiated (False for a boolean mask folded into it), so
+    the backward writes the score gradient.
     """
 
     causal: bool
@@ -46,6 +48,7 @@ class Config(NamedTuple):
     bias_axes: tuple[bool, bool, bool, bool] | None
     dynamic: bool
     softcap: bool
+    bias_grad: bool = False
 
 
 def dot(a: jax.Array, b: jax.Array, contract) -> jax.Array:
