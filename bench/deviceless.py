@@ -221,6 +221,31 @@ ATTENTION_HEADS = (32, 8)
 WINDOW = (1024, 0)  # a sliding window of 1024 keys before each query (Mistral, Gemma 2)
 
 
+# The other options, each compiled through its own kernel variant (scalar-prefetched segment
+# ranges, a bias without and with a head axis, a boolean mask folded into the bias).
+OPTION_CASES = ("segments", "row_bias", "head_bias", "bool_mask")
+
+
+def attention_options(name: str, t_len: int, n_heads: int) -> dict:
+    """Keyword arguments of ``dot_product_attention`` for an option case, built from iotas
+    (packed documents of 1000 tokens, the last 100 keys padding)."""
+    import jax.numpy as jnp
+
+    pos = jnp.arange(t_len, dtype=jnp.int32)[None]
+    seg = pos // 1000
+    if name == "segments":
+        lengths = jnp.array([t_len - 100], jnp.int32)
+        return dict(segment_ids=seg, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                    logit_softcap=30.0, is_causal=True)  # fmt: skip
+    if name == "row_bias":  # ALiBi-like key bias [1, 1, 1, S], differentiated
+        return dict(bias=-0.01 * pos[:, None, None, :].astype(jnp.float32), is_causal=True)
+    if name == "head_bias":  # a bias per head [1, N, T, S]
+        slopes = jnp.arange(1, n_heads + 1, dtype=jnp.float32)[None, :, None, None]
+        rel = (pos[:, :, None] - pos[:, None, :]).astype(jnp.bfloat16)[:, None]
+        return dict(bias=-(2.0**-slopes) * rel, is_causal=True)
+    return dict(mask=(seg[:, :, None] == seg[:, None, :])[:, None])
+
+
 def attention_fn(impl: str, mask: str):
     """``(q, k, v, dO) -> (O, dQ, dK, dV)`` of attention by ``impl``: the forward and
     backward pass of a training step, with the output's cotangent given (an argument, not a
@@ -228,6 +253,20 @@ def attention_fn(impl: str, mask: str):
     import jax
 
     import softjax
+
+    if mask in OPTION_CASES:
+        if impl not in ("pallas", "chunked"):
+            raise NotImplementedError(f"{impl} is compiled for causal and window only")
+
+        def attend(q, k, v):
+            kw = attention_options(mask, q.shape[1], q.shape[2])
+            return softjax.dot_product_attention(q, k, v, implementation=impl, **kw)
+
+        def fwd_bwd(q, k, v, d_out):
+            out, vjp = jax.vjp(attend, q, k, v)
+            return (out, *vjp(d_out))
+
+        return fwd_bwd
 
     kw = {"is_causal": True} if mask == "causal" else {"local_window_size": WINDOW}
 
@@ -269,8 +308,9 @@ def attention_fn(impl: str, mask: str):
 
 
 def compile_attention(target: str, t_len: int, h: int, mask: str, impl: str) -> dict:
-    """:func:`compile_for` of :func:`attention_fn` at one case, with the size of the float32
-    scores ``[N, T, S]`` that a materialising implementation would keep."""
+    """:func:`compile_for` of :func:`attention_fn` at one case (``mask`` causal, window or
+    one of :data:`OPTION_CASES`), with the size of the float32 scores ``[N, T, S]`` that a
+    materialising implementation would keep."""
     import jax.numpy as jnp
 
     n, k = ATTENTION_HEADS

@@ -180,3 +180,19 @@ def test_attention_kernels_compile_every_case(target, h, mask):
         # the float32 output is lane-padded. The kernels' own memory is what is linear.
         limit *= 2
     assert short["temp_bytes"] <= limit, (target, h, mask, short["temp_bytes"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+def test_attention_kernels_compile_with_every_option(target):
+    # Segments and lengths (scalar-prefetched block ranges), a bias without and with a head
+    # axis (the per-head TPU kernels) and a boolean mask, at T = 4096.
+    cases = tuple((4096, 128, name) for name in deviceless.OPTION_CASES)
+    got = compiled_attention(target, cases)
+    for case in cases:
+        assert got[case]["kernel"], (case, got[case]["custom_calls"])
+        assert got[case]["kernels"] == ATTENTION_KERNELS, (case, got[case]["kernels"])
+    # A boolean mask is a constant: no [B, N, T, S] float32 score gradient is written for it
+    # (that alone is the size of the scores); the mask itself, as a bf16 bias, is 1/64 of it.
+    row = got[4096, 128, "bool_mask"]
+    assert row["temp_bytes"] <= 0.25 * row["scores_f32_bytes"], row
