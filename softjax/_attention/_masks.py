@@ -83,6 +83,26 @@ def _slice(x, start, size: int, axis: int):
     return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
+def both(a, b):
+    """``a & b`` where either may be None (no mask: everything visible)."""
+    return b if a is None else a & b
+
+
+def structural_mask(t, s, causal: bool, window, s_valid):
+    """Which (query ``t``, key ``s``) pairs the causal mask, the window ``(left, right)`` and
+    the key padding (keys ``>= s_valid``) let attend, from broadcastable index arrays; None
+    when none of them applies."""
+    ok = None
+    if s_valid is not None:
+        ok = both(ok, s < s_valid)
+    if causal:
+        ok = both(ok, s <= t)
+    if window is not None:
+        left, right = window
+        ok = both(ok, (s >= t - left) & (s <= t + right))
+    return ok
+
+
 def block_mask(spec: Spec, masks: Masks, t0, tq: int, s0, sk: int) -> jax.Array | None:
     """Boolean ``[B|1, K|1, tq, G|1, sk]`` (True = attend) for one block, or None if all True.
 
@@ -90,18 +110,7 @@ def block_mask(spec: Spec, masks: Masks, t0, tq: int, s0, sk: int) -> jax.Array 
     """
     t = t0 + lax.broadcasted_iota(jnp.int32, (tq, 1, 1), 0)
     s = s0 + lax.broadcasted_iota(jnp.int32, (1, 1, sk), 2)
-    ok = None
-
-    def both(a, b):
-        return b if a is None else a & b
-
-    if spec.s_valid is not None:
-        ok = both(ok, s < spec.s_valid)
-    if spec.causal:
-        ok = both(ok, s <= t)
-    if spec.window is not None:
-        left, right = spec.window
-        ok = both(ok, (s >= t - left) & (s <= t + right))
+    ok = structural_mask(t, s, spec.causal, spec.window, spec.s_valid)
     ok = None if ok is None else ok[None, None]  # [1, 1, tq, 1, sk]
     if masks.q_length is not None:
         ok = both(ok, t[None, None] < masks.q_length[:, None, None, None, None])

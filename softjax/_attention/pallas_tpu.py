@@ -130,6 +130,43 @@ def _ranges(ref, b, blk, num):
     return ref[at], ref[at + 1]
 
 
+class Refs:
+    """A kernel's refs in the order the wrappers pass them: the scalar-prefetched segment
+    ranges, ``n_inputs`` operands, the bias, the segment-and-valid rows (each optional part
+    present per ``cfg``), then the outputs and scratch (``rest``)."""
+
+    def __init__(self, refs, cfg: Config, n_inputs: int):
+        refs = list(refs)
+        self.ranges = (refs.pop(0), refs.pop(0)) if cfg.dynamic else None
+        self.inputs = [refs.pop(0) for _ in range(n_inputs)]
+        self.bias = refs.pop(0) if cfg.bias_axes is not None else None
+        self.info = (refs.pop(0), refs.pop(0)) if cfg.dynamic else None
+        self.rest = refs
+
+
+def live_block(refs: Refs, cfg: Config, b, i, j, nq: int, nk: int, lo, hi, idx):
+    """Whether the tile ``(i, j)`` is computed: block ``idx`` of the walked axis is within
+    ``[lo, hi)`` and, with dynamic masks, the two blocks' tokens may share a segment."""
+    run = (idx >= lo) & (idx < hi)
+    if cfg.dynamic:
+        q_rng, kv_rng = refs.ranges
+        run = run & tiles.live(_ranges(q_rng, b, i, nq), _ranges(kv_rng, b, j, nk))
+    return run
+
+
+def tile_context(refs: Refs, consts_ref, cfg: Config, i, j):
+    """``(scale, cap, bias, ok)`` of the tile ``(i, j)``: the constants, its bias block and
+    its visibility mask (None where all pairs may attend)."""
+    q_data = kv_data = None
+    if cfg.dynamic:
+        qi_ref, ki_ref = refs.info
+        q_data = _columns(qi_ref, 2)
+        kv_data = (ki_ref[0:1, :], ki_ref[1:2, :])
+    ok = tiles.visible(cfg, i * cfg.bq, j * cfg.bk, q_data, kv_data)
+    bias = None if refs.bias is None else refs.bias[...]
+    return (*_scale_cap(consts_ref, cfg), bias, ok)
+
+
 def _dynamic_args(cfg: Config, info, qb_of, kb_of):
     """Specs for the ``[B, 8, T]`` / ``[B, 8, S]`` segment-and-valid rows, if dynamic."""
     if not cfg.dynamic:
@@ -147,13 +184,9 @@ def _dynamic_args(cfg: Config, info, qb_of, kb_of):
 
 
 def _fwd_kernel(*refs, cfg: Config, nq: int, nk: int):
-    refs = list(refs)
-    q_rng, kv_rng = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
-    q_ref, k_ref, v_ref, consts_ref = refs[:4]
-    refs = refs[4:]
-    bias_ref = refs.pop(0) if cfg.bias_axes is not None else None
-    qi_ref, ki_ref = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
-    o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+    refs = Refs(refs, cfg, 4)
+    q_ref, k_ref, v_ref, consts_ref = refs.inputs
+    o_ref, lse_ref, m_ref, l_ref, acc_ref = refs.rest
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -163,17 +196,11 @@ def _fwd_kernel(*refs, cfg: Config, nq: int, nk: int):
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     lo, hi = tiles.key_blocks(cfg, i, nk)
-    run = (j >= lo) & (j < hi)
-    if cfg.dynamic:
-        run = run & tiles.live(_ranges(q_rng, b, i, nq), _ranges(kv_rng, b, j, nk))
 
-    @pl.when(run)
+    @pl.when(live_block(refs, cfg, b, i, j, nq, nk, lo, hi, j))
     def _():
-        bias = None if bias_ref is None else bias_ref[...]
-        _, s = tiles.scores(q_ref[...], k_ref[...], *_scale_cap(consts_ref, cfg), bias)
-        q_data = _columns(qi_ref, 2) if cfg.dynamic else None
-        kv_data = (ki_ref[0:1, :], ki_ref[1:2, :]) if cfg.dynamic else None
-        ok = tiles.visible(cfg, i * cfg.bq, j * cfg.bk, q_data, kv_data)
+        scale, cap, bias, ok = tile_context(refs, consts_ref, cfg, i, j)
+        _, s = tiles.scores(q_ref[...], k_ref[...], scale, cap, bias)
         state = (m_ref[...], l_ref[...], acc_ref[...])
         m_ref[...], l_ref[...], acc_ref[...] = tiles.online_step(state, s, v_ref[...], ok)
 
@@ -235,15 +262,11 @@ def forward(q, k, v, consts, bias, info, ranges, *, cfg: Config, interpret: bool
 
 
 def _dq_kernel(*refs, cfg: Config, nq: int, nk: int):
-    refs = list(refs)
-    q_rng, kv_rng = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
-    q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref = refs[:6]
-    refs = refs[6:]
-    bias_ref = refs.pop(0) if cfg.bias_axes is not None else None
-    qi_ref, ki_ref = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
-    dq_ref = refs.pop(0)
-    ds_ref = refs.pop(0) if cfg.bias_grad else None
-    (acc_ref,) = refs
+    refs = Refs(refs, cfg, 6)
+    q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref = refs.inputs
+    dq_ref, *rest = refs.rest
+    ds_ref = rest.pop(0) if cfg.bias_grad else None
+    (acc_ref,) = rest
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -251,28 +274,15 @@ def _dq_kernel(*refs, cfg: Config, nq: int, nk: int):
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     lo, hi = tiles.key_blocks(cfg, i, nk)
-    run = (j >= lo) & (j < hi)
-    if cfg.dynamic:
-        run = run & tiles.live(_ranges(q_rng, b, i, nq), _ranges(kv_rng, b, j, nk))
+    run = live_block(refs, cfg, b, i, j, nq, nk, lo, hi, j)
 
     @pl.when(run)
     def _():
+        scale, cap, bias, ok = tile_context(refs, consts_ref, cfg, i, j)
         lse, delta = _columns(rows_ref, 2)
-        q_data = _columns(qi_ref, 2) if cfg.dynamic else None
-        kv_data = (ki_ref[0:1, :], ki_ref[1:2, :]) if cfg.dynamic else None
-        ok = tiles.visible(cfg, i * cfg.bq, j * cfg.bk, q_data, kv_data)
-        bias = None if bias_ref is None else bias_ref[...]
         k = k_ref[...]
         _, ds, dz = tiles.tile_grads(
-            q_ref[...],
-            k,
-            v_ref[...],
-            do_ref[...],
-            lse,
-            delta,
-            *_scale_cap(consts_ref, cfg),
-            bias,
-            ok,
+            q_ref[...], k, v_ref[...], do_ref[...], lse, delta, scale, cap, bias, ok
         )
         acc_ref[...] += tiles.dot(dz, k, (1, 0))
         if ds_ref is not None:
@@ -290,13 +300,9 @@ def _dq_kernel(*refs, cfg: Config, nq: int, nk: int):
 
 
 def _dkv_kernel(*refs, cfg: Config, nq: int, nk: int):
-    refs = list(refs)
-    q_rng, kv_rng = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
-    q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref = refs[:6]
-    refs = refs[6:]
-    bias_ref = refs.pop(0) if cfg.bias_axes is not None else None
-    qi_ref, ki_ref = (refs.pop(0), refs.pop(0)) if cfg.dynamic else (None, None)
-    dk_ref, dv_ref, dk_acc, dv_acc = refs
+    refs = Refs(refs, cfg, 6)
+    q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref = refs.inputs
+    dk_ref, dv_ref, dk_acc, dv_acc = refs.rest
     b, j, r, nr = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.num_programs(3)
     i = tiles.rem(r, nq)
 
@@ -306,21 +312,13 @@ def _dkv_kernel(*refs, cfg: Config, nq: int, nk: int):
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
     lo, hi = tiles.query_blocks(cfg, j, nq)
-    run = (i >= lo) & (i < hi)
-    if cfg.dynamic:
-        run = run & tiles.live(_ranges(q_rng, b, i, nq), _ranges(kv_rng, b, j, nk))
 
-    @pl.when(run)
+    @pl.when(live_block(refs, cfg, b, i, j, nq, nk, lo, hi, i))
     def _():
+        scale, cap, bias, ok = tile_context(refs, consts_ref, cfg, i, j)
         lse, delta = _columns(rows_ref, 2)
-        q_data = _columns(qi_ref, 2) if cfg.dynamic else None
-        kv_data = (ki_ref[0:1, :], ki_ref[1:2, :]) if cfg.dynamic else None
-        ok = tiles.visible(cfg, i * cfg.bq, j * cfg.bk, q_data, kv_data)
-        bias = None if bias_ref is None else bias_ref[...]
         q, do = q_ref[...], do_ref[...]
-        p, _, dz = tiles.tile_grads(
-            q, k_ref[...], v_ref[...], do, lse, delta, *_scale_cap(consts_ref, cfg), bias, ok
-        )
+        p, _, dz = tiles.tile_grads(q, k_ref[...], v_ref[...], do, lse, delta, scale, cap, bias, ok)
         dv_acc[...] += tiles.dot(p.T, do, (1, 0))
         dk_acc[...] += tiles.dot(dz.T, q, (1, 0))
 

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import tiles
-from .pallas_tpu import _clip, _columns, _grid_spec, _params, _ranges, _scale_cap, _vmem
+from .pallas_tpu import Refs, _clip, _columns, _grid_spec, _params, _vmem, live_block, tile_context
 from .tiles import Config
 
 # float32 accumulator bytes per grid step ([N, bq, H]) the query block is sized for.
@@ -90,37 +90,6 @@ def _dynamic(cfg: Config, info, blocks):
     return specs, list(info)
 
 
-class _Refs:
-    """A kernel's refs in the order the wrappers pass them."""
-
-    def __init__(self, refs, cfg: Config, n_inputs: int):
-        refs = list(refs)
-        self.ranges = (refs.pop(0), refs.pop(0)) if cfg.dynamic else None
-        self.inputs = [refs.pop(0) for _ in range(n_inputs)]
-        self.bias = refs.pop(0) if cfg.bias_axes is not None else None
-        self.info = (refs.pop(0), refs.pop(0)) if cfg.dynamic else None
-        self.rest = refs
-
-
-def _run(refs: _Refs, cfg: Config, b, i, j, nq: int, nk: int, lo, hi, idx):
-    """Whether block ``idx`` of the walked axis is within ``[lo, hi)`` and, with dynamic
-    masks, whether its tokens may meet the other block's."""
-    run = (idx >= lo) & (idx < hi)
-    if cfg.dynamic:
-        q_rng, kv_rng = refs.ranges
-        run = run & tiles.live(_ranges(q_rng, b, i, nq), _ranges(kv_rng, b, j, nk))
-    return run
-
-
-def _visible(refs: _Refs, cfg: Config, i, j):
-    q_data = kv_data = None
-    if cfg.dynamic:
-        qi_ref, ki_ref = refs.info
-        q_data = _columns(qi_ref, 2)
-        kv_data = (ki_ref[0:1, :], ki_ref[1:2, :])
-    return tiles.visible(cfg, i * cfg.bq, j * cfg.bk, q_data, kv_data)
-
-
 def _gather_heads(dst, src, count: int):
     """``dst[n] = src[:, n, :]`` for every head: a block's heads moved to the leading axis
     of VMEM scratch (strided loads, one per head), where a loop can index them."""
@@ -139,7 +108,7 @@ def _scatter_heads(dst, src, count: int):
 
 
 def _fwd_kernel(*refs, cfg: Config, nq: int, nk: int, n_heads: int, num_kv: int):
-    refs = _Refs(refs, cfg, 4)
+    refs = Refs(refs, cfg, 4)
     q_ref, k_ref, v_ref, consts_ref = refs.inputs
     o_ref, lse_ref, qt, kt, vt, m_ref, l_ref, acc_ref = refs.rest
     b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -153,13 +122,11 @@ def _fwd_kernel(*refs, cfg: Config, nq: int, nk: int, n_heads: int, num_kv: int)
 
     lo, hi = tiles.key_blocks(cfg, i, nk)
 
-    @pl.when(_run(refs, cfg, b, i, j, nq, nk, lo, hi, j))
+    @pl.when(live_block(refs, cfg, b, i, j, nq, nk, lo, hi, j))
     def _():
         _gather_heads(kt, k_ref, num_kv)
         _gather_heads(vt, v_ref, num_kv)
-        scale, cap = _scale_cap(consts_ref, cfg)
-        bias = None if refs.bias is None else refs.bias[...]
-        ok = _visible(refs, cfg, i, j)
+        scale, cap, bias, ok = tile_context(refs, consts_ref, cfg, i, j)
 
         def head(n, carry):
             kh = tiles.div(n, cfg.group)
@@ -234,7 +201,7 @@ def forward(q, k, v, consts, bias, info, ranges, *, cfg: Config, interpret: bool
 
 
 def _dq_kernel(*refs, cfg: Config, nq: int, nk: int, n_heads: int, num_kv: int):
-    refs = _Refs(refs, cfg, 6)
+    refs = Refs(refs, cfg, 6)
     q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref = refs.inputs
     dq_ref, *rest = refs.rest
     ds_ref = rest.pop(0) if cfg.bias_grad else None
@@ -248,15 +215,13 @@ def _dq_kernel(*refs, cfg: Config, nq: int, nk: int, n_heads: int, num_kv: int):
         _gather_heads(dot_, do_ref, n_heads)
 
     lo, hi = tiles.key_blocks(cfg, i, nk)
-    run = _run(refs, cfg, b, i, j, nq, nk, lo, hi, j)
+    run = live_block(refs, cfg, b, i, j, nq, nk, lo, hi, j)
 
     @pl.when(run)
     def _():
         _gather_heads(kt, k_ref, num_kv)
         _gather_heads(vt, v_ref, num_kv)
-        scale, cap = _scale_cap(consts_ref, cfg)
-        bias = None if refs.bias is None else refs.bias[...]
-        ok = _visible(refs, cfg, i, j)
+        scale, cap, bias, ok = tile_context(refs, consts_ref, cfg, i, j)
 
         def head(n, ds_sum):
             kh = tiles.div(n, cfg.group)
@@ -284,7 +249,7 @@ def _dq_kernel(*refs, cfg: Config, nq: int, nk: int, n_heads: int, num_kv: int):
 
 
 def _dkv_kernel(*refs, cfg: Config, nq: int, nk: int, n_heads: int, num_kv: int):
-    refs = _Refs(refs, cfg, 6)
+    refs = Refs(refs, cfg, 6)
     q_ref, k_ref, v_ref, do_ref, rows_ref, consts_ref = refs.inputs
     dk_ref, dv_ref, qt, dot_, kt, vt, dk_acc, dv_acc = refs.rest
     b, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -298,13 +263,11 @@ def _dkv_kernel(*refs, cfg: Config, nq: int, nk: int, n_heads: int, num_kv: int)
 
     lo, hi = tiles.query_blocks(cfg, j, nq)
 
-    @pl.when(_run(refs, cfg, b, i, j, nq, nk, lo, hi, i))
+    @pl.when(live_block(refs, cfg, b, i, j, nq, nk, lo, hi, i))
     def _():
         _gather_heads(qt, q_ref, n_heads)
         _gather_heads(dot_, do_ref, n_heads)
-        scale, cap = _scale_cap(consts_ref, cfg)
-        bias = None if refs.bias is None else refs.bias[...]
-        ok = _visible(refs, cfg, i, j)
+        scale, cap, bias, ok = tile_context(refs, consts_ref, cfg, i, j)
 
         def head(n, carry):
             kh = tiles.div(n, cfg.group)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import _numerics as nx
+from ._masks import both, structural_mask
 
 
 class Config(NamedTuple):
@@ -93,18 +94,8 @@ def visible(cfg: Config, t0, s0, q_data=None, kv_data=None) -> jax.Array | None:
     """
     t = t0 + lax.broadcasted_iota(jnp.int32, (cfg.bq, 1), 0)
     s = s0 + lax.broadcasted_iota(jnp.int32, (1, cfg.bk), 1)
-    ok = None
-
-    def both(a, b):
-        return b if a is None else a & b
-
-    if cfg.s_len % cfg.bk:
-        ok = both(ok, s < cfg.s_len)
-    if cfg.causal:
-        ok = both(ok, s <= t)
-    if cfg.window is not None:
-        left, right = cfg.window
-        ok = both(ok, (s >= t - left) & (s <= t + right))
+    s_valid = cfg.s_len if cfg.s_len % cfg.bk else None
+    ok = structural_mask(t, s, cfg.causal, cfg.window, s_valid)
     if cfg.dynamic:
         (q_seg, q_valid), (kv_seg, kv_valid) = q_data, kv_data
         ok = both(ok, (q_seg == kv_seg) & (q_valid > 0) & (kv_valid > 0))
