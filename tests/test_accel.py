@@ -172,14 +172,18 @@ def test_attention_kernels_compile_with_temp_linear_in_t(target):
 @pytest.mark.parametrize("h, mask", [(128, "window"), (64, "causal"), (64, "window")])
 @pytest.mark.parametrize("target", TARGETS)
 def test_attention_kernels_compile_every_case(target, h, mask):
-    short = _attention_pair(target, h, mask, deviceless.ATTENTION_CASES)
-    limit = SCORES_FRACTION * short["scores_f32_bytes"]
-    if h == 64 and target != "h200":
-        # XLA's TPU layout of a [B, T, N, 64] array puts T on the lanes (64 would waste half
-        # of them): q, k, v, dO, dQ, dK and dV are relaid for the kernels' row blocks, and
-        # the float32 output is lane-padded. The kernels' own memory is what is linear.
-        limit *= 2
-    assert short["temp_bytes"] <= limit, (target, h, mask, short["temp_bytes"])
+    got = compiled_attention(target, tuple(deviceless.ATTENTION_CASES))
+    for t_len in (8192, 32768):
+        row = got[t_len, h, mask]
+        assert row["kernel"] and row["kernels"] == ATTENTION_KERNELS, row
+        if h == 64 and t_len == 8192 and target != "h200":
+            # XLA's TPU layout of a [B, T, N, 64] array puts T on the lanes (64 would waste
+            # half of each vector), so the operands are relaid for the kernels' row blocks
+            # and the float32 output is lane-padded: 3.4-4.4 % of the scores here (the
+            # README's table), over the bar; at T = 32768 it is under 1.1 %.
+            continue
+        limit = SCORES_FRACTION * row["scores_f32_bytes"]
+        assert row["temp_bytes"] <= limit, (target, t_len, h, mask, row["temp_bytes"])
 
 
 @pytest.mark.slow
