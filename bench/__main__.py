@@ -7,7 +7,7 @@ against a float64 reference.
 
 The default run takes a few minutes on two CPU cores (sizes chosen to keep every family's
 point: full-length rows, realistic vocabulary heads compiled, not run); ``--full`` runs the
-sizes of the README's table (about 8 minutes there), ``--quick`` is a smoke test.
+sizes of the README's table (about 23 minutes there), ``--quick`` is a smoke test.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="small sizes, a smoke test (~30 s)")
-    p.add_argument("--full", action="store_true", help="the README's sizes (~8 min, 2 cores)")
+    p.add_argument("--full", action="store_true", help="the README's sizes (~23 min, 2 cores)")
     p.add_argument("--large", action="store_true", help="add the largest sizes")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {MODULES}")
     p.add_argument("--json", default=None, help="write all rows as JSON to this path")
