@@ -167,6 +167,17 @@ def tile_context(refs: Refs, consts_ref, cfg: Config, i, j):
     return (*_scale_cap(consts_ref, cfg), bias, ok)
 
 
+def zero_skipped_tile(ds_ref, run):
+    """Writes zeros to the score-gradient tile ``ds_ref`` (if any) of a step that computes
+    nothing: every output block of the grid is written back, visited or not."""
+    if ds_ref is None:
+        return
+
+    @pl.when(jnp.logical_not(run))
+    def _():
+        ds_ref[...] = jnp.zeros(ds_ref.shape, ds_ref.dtype)
+
+
 def _dynamic_args(cfg: Config, info, qb_of, kb_of):
     """Specs for the ``[B, 8, T]`` / ``[B, 8, S]`` segment-and-valid rows, if dynamic."""
     if not cfg.dynamic:
@@ -288,11 +299,7 @@ def _dq_kernel(*refs, cfg: Config, nq: int, nk: int):
         if ds_ref is not None:
             ds_ref[...] = ds
 
-    if ds_ref is not None:
-
-        @pl.when(jnp.logical_not(run))
-        def _():
-            ds_ref[...] = jnp.zeros(ds_ref.shape, ds_ref.dtype)
+    zero_skipped_tile(ds_ref, run)
 
     @pl.when(j == nk - 1)
     def _():

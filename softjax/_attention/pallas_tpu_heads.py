@@ -33,7 +33,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import tiles
-from .pallas_tpu import Refs, _clip, _columns, _grid_spec, _params, _vmem, live_block, tile_context
+from .pallas_tpu import (
+    Refs,
+    _clip,
+    _columns,
+    _grid_spec,
+    _params,
+    _vmem,
+    live_block,
+    tile_context,
+    zero_skipped_tile,
+)
 from .tiles import Config
 
 # float32 accumulator bytes per grid step ([N, bq, H]) the query block is sized for.
@@ -237,11 +247,7 @@ def _dq_kernel(*refs, cfg: Config, nq: int, nk: int, n_heads: int, num_kv: int):
         if ds_ref is not None:
             ds_ref[...] = ds_sum
 
-    if ds_ref is not None:
-
-        @pl.when(jnp.logical_not(run))
-        def _():
-            ds_ref[...] = jnp.zeros(ds_ref.shape, ds_ref.dtype)
+    zero_skipped_tile(ds_ref, run)
 
     @pl.when(j == nk - 1)
     def _():
