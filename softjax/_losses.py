@@ -196,11 +196,16 @@ def row_loss_grads(z, labels, terms: LabelTerms, class_weight, stats: RowStats, 
 
 
 class GradCoefs(NamedTuple):
-    """Per-row coefficients of ``d loss / d z_c = prob p_c - target [c == y] - smooth w_c``."""
+    """Per-row coefficients of ``d loss / d z_c = prob p_c - target [c == y] - smooth w_c``.
+
+    ``spread`` (None for the cross-entropies) adds ``spread · p_c · (shift - z_c)``: the
+    entropy's gradient (``softjax._vocab.log_probs``).
+    """
 
     prob: jax.Array
     target: jax.Array
     smooth: jax.Array
+    spread: jax.Array | None = None
 
 
 def grad_coefs(terms: LabelTerms, w_sum, lse, g) -> GradCoefs:

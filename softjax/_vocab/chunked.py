@@ -74,10 +74,36 @@ def init_stats(n: int, dtype) -> Stats:
     return Stats(jnp.full((n, 1), -jnp.inf, dtype), zeros, zeros, zeros)
 
 
+class LogitMap(NamedTuple):
+    """``z = scale · softcap(raw, cap)``: the soft-cap, then a temperature ``1 / scale``.
+
+    Where this module takes ``cap`` it takes a :class:`LogitMap` too (the streaming paths of
+    ``softjax._vocab.log_probs``); the Pallas kernels take the soft-cap alone.
+    """
+
+    cap: jax.Array | None
+    scale: jax.Array | None
+
+
+def map_logits(raw, cap):
+    """The logits ``z`` of raw logits ``x @ w.T``: soft-capped, then a :class:`LogitMap`'s scale."""
+    if not isinstance(cap, LogitMap):
+        return nx.softcap(raw, cap)
+    z = nx.softcap(raw, cap.cap)
+    return z if cap.scale is None else z * cap.scale
+
+
+def map_grad(raw, cap, grad):
+    """Chains ``grad`` (with respect to ``z``) through :func:`map_logits`."""
+    if not isinstance(cap, LogitMap):
+        return nx.softcap_grad(raw, cap, grad)
+    return nx.softcap_grad(raw, cap.cap, grad if cap.scale is None else grad * cap.scale)
+
+
 def block_logits(x, w_blk, cap, dtype):
-    """Raw logits ``x @ w_blk.T`` (accumulated in ``dtype``) and their softcapped values."""
+    """Raw logits ``x @ w_blk.T`` (accumulated in ``dtype``) and their mapped values."""
     raw = nx.dot(x, w_blk, (1, 1), dtype)
-    return raw, nx.softcap(raw, cap)
+    return raw, map_logits(raw, cap)
 
 
 def block_grads(raw, cap, is_target, stats: _losses.RowStats, coefs: _losses.GradCoefs, cw_blk):
@@ -86,8 +112,13 @@ def block_grads(raw, cap, is_target, stats: _losses.RowStats, coefs: _losses.Gra
     The loss gradient with respect to the capped logits, chained through the softcap; the
     same code runs in the chunked loop and inside the Pallas kernels.
     """
-    p = _losses.probs(nx.softcap(raw, cap), stats)
-    return nx.softcap_grad(raw, cap, _losses.logit_grads(p, is_target, coefs, cw_blk))
+    z = map_logits(raw, cap)
+    p = _losses.probs(z, stats)
+    grad = _losses.logit_grads(p, is_target, coefs, cw_blk)
+    if coefs.spread is not None:
+        spread = coefs.spread if coefs.spread.ndim == p.ndim else coefs.spread[..., None]
+        grad = grad + spread * nx.zero_where_prob_zero(p, stats.shift - z)
+    return map_grad(raw, cap, grad)
 
 
 def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
@@ -101,9 +132,15 @@ def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
     m_blk = jnp.max(z, axis=-1, keepdims=True)
     m_new = jnp.maximum(st.m, m_blk)
     shift = nx.empty_row_shift(m_new)
+    # The maximal entries by comparison, not by hi == 0: XLA may fuse a soft-capped (or
+    # scaled) z into each reader and contract ``c * tanh(.) - shift`` into a fused
+    # multiply-add there, leaving hi a rounding error away from 0 in one reduction and not
+    # in another (seen on XLA:CPU at 13 tokens x 150 classes: the normaliser lost its
+    # maximal entry, -log p off by 0.08). A comparison is never contracted.
+    at_max = z == shift
     hi, lo = nx.two_sum(z, -shift)
+    hi, lo = jnp.where(at_max, 0.0, hi), jnp.where(at_max, 0.0, lo)
     e = nx.exp_compensated(hi, lo)
-    at_max = hi == 0
     count = jnp.sum(at_max.astype(z.dtype), axis=-1, keepdims=True)
     # Entries at the maximum contribute exactly 1 each; e - 1 there keeps `rest` free of it.
     blk_rest = jnp.sum(jnp.where(at_max, e - 1, e), axis=-1, keepdims=True)
@@ -122,6 +159,41 @@ def merge_block(st: Stats, z, col_ok, cw_blk, w_seen, smoothing: bool) -> Stats:
     return Stats(m_new, rest, rest_c, d)
 
 
+class Moments(NamedTuple):
+    """Per-row moments of the logits below the running maximum ``m``, ``[n, 1]`` each:
+    ``s1 = sum_c e^(z_c - m) (m - z_c)`` and ``s2 = sum_c e^(z_c - m) (m - z_c)^2``.
+
+    With ``S0 = 1 + rest`` (:class:`Stats`) and ``p_c = e^(z_c - m) / S0``, the entropy is
+    ``log S0 + s1 / S0`` and the variance of ``z`` under ``p`` is
+    ``s2 / S0 - (s1 / S0)^2``: sums of non-negative terms, no cancellation in the entropy.
+    """
+
+    s1: jax.Array
+    s2: jax.Array
+
+
+def merge_moments(mo: Moments, m_old, m_new, total_old, z, col_ok) -> Moments:
+    """Folds a block of logits ``z`` ``[n, Bv]`` into the :class:`Moments` ``mo``.
+
+    ``m_old``/``m_new`` are the running maxima before and after the block (``[n, 1]``),
+    ``total_old`` the ``S0`` seen before it (relative to ``m_old``). Re-anchoring from
+    ``m_old`` to ``m_new`` (``d = m_new - m_old``): ``s1 <- a (s1 + d S0)``,
+    ``s2 <- a (s2 + 2 d s1 + d^2 S0)`` with ``a = e^(-d)``.
+    """
+    shift = nx.empty_row_shift(m_new)
+    seen = jnp.isfinite(m_old)
+    d = jnp.where(seen, shift - m_old, 0.0)
+    a = jnp.where(seen, jnp.exp(-d), 0.0)
+    s1 = a * (mo.s1 + d * total_old)
+    s2 = a * (mo.s2 + 2 * d * mo.s1 + d * d * total_old)
+    z = jnp.where(col_ok, z, -jnp.inf)
+    e = jnp.exp(z - shift)
+    u = jnp.where(e == 0, 0.0, shift - z)  # m - z, 0 where e is (-inf logits: inf)
+    s1 = s1 + jnp.sum(e * u, axis=-1, keepdims=True)
+    s2 = s2 + jnp.sum(e * u * u, axis=-1, keepdims=True)
+    return Moments(s1, s2)
+
+
 def _block_weights(col_ok, cw_blk, dtype):
     """Class weights of a block (1 without ``weight``), 0 on columns outside it."""
     ones = jnp.ones(col_ok.shape, dtype)
@@ -136,12 +208,14 @@ def _block_start(i, bv, num_classes):
     return s, cols, cols >= start
 
 
-def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool):
+def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool, moments=False):
     """Per-row :class:`Stats` of ``softcap(x @ w.T)`` over all of ``w``'s rows.
 
     Args:
       x: ``[N, D]``; w: ``[V, D]`` of the same dtype; class_weight: ``[V]`` or None.
+      cap: the soft-cap, None, or a :class:`LogitMap`.
       block_v: the vocabulary block ``Bv``; smoothing: whether to accumulate ``d``.
+      moments: also return the :class:`Moments` (``[N]`` each) after the stats.
     """
     n = x.shape[0]
     v = w.shape[0]
@@ -150,18 +224,23 @@ def forward_stats(x, w, class_weight, cap, *, block_v: int, smoothing: bool):
     nb = -(-v // bv)
 
     def body(i, carry):
-        st, w_seen, x, w_c = carry
+        st, mo, w_seen, x, w_c = carry
         x, w_c = _opaque((x, w_c))
         s, cols, col_ok = _block_start(i, bv, v)
         w_blk = _rows(w_c, s, bv)
         cw_blk = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, s, bv)
         _, z = block_logits(x, w_blk, cap, dtype)
-        st = merge_block(st, z, col_ok, cw_blk, w_seen, smoothing)
-        return st, w_seen + jnp.sum(_block_weights(col_ok, cw_blk, dtype)), x, w_c
+        new = merge_block(st, z, col_ok, cw_blk, w_seen, smoothing)
+        if mo is not None:
+            mo = merge_moments(mo, st.m, new.m, 1 + st.rest + st.rest_c, z, col_ok)
+        return new, mo, w_seen + jnp.sum(_block_weights(col_ok, cw_blk, dtype)), x, w_c
 
-    init = (init_stats(n, dtype), jnp.zeros((), dtype), x, w)
-    st, _, _, _ = lax.fori_loop(0, nb, body, match_vma(init, x, w, class_weight))
-    return Stats(*(a[:, 0] for a in st))
+    zeros = jnp.zeros((n, 1), dtype)
+    mo = Moments(zeros, zeros) if moments else None
+    init = (init_stats(n, dtype), mo, jnp.zeros((), dtype), x, w)
+    st, mo, _, _, _ = lax.fori_loop(0, nb, body, match_vma(init, x, w, class_weight))
+    st = Stats(*(a[:, 0] for a in st))
+    return (st, Moments(*(a[:, 0] for a in mo))) if moments else st
 
 
 def target_dots(x, w, labels):
@@ -199,10 +278,10 @@ def target_logits(x, w, labels, cap):
     n, dim = x.shape
     rows = _blocks.token_chunk(n, dim)
     if rows == n:
-        return nx.softcap(target_dots(x, w, labels), cap)
+        return map_logits(target_dots(x, w, labels), cap)
     in_chunks = functools.partial(target_dots_chunked, rows=rows)
     raw = platform_dependent(x, w, labels, default=in_chunks, cpu=target_dots)
-    return nx.softcap(match_vma(raw, x, w, labels), cap)
+    return map_logits(match_vma(raw, x, w, labels), cap)
 
 
 def backward(
