@@ -1,5 +1,8 @@
 """Vocabulary-scale cross-entropy: ``linear_cross_entropy`` beside ``x @ w.T`` + optax.
 
+``linear_log_probs`` (log-probabilities and entropies with a temperature) is timed and
+compiled beside its materialising path too (:func:`log_probs_rows`).
+
 * Memory: compiled temp size of ``value_and_grad`` with respect to ``(x, w)`` (exact, no
   run) at N=8192 tokens, D=2048, V=131072, bfloat16, and at V=65536 for the growth in V;
   a PNG of temp memory against V (8k..256k) for both.
@@ -210,6 +213,56 @@ def reduction_rows(n, d, v, reps) -> list[dict]:
     return rows
 
 
+def log_probs_rows(n, d, v, reps, mem=(8192, 2048, 131072)) -> list[dict]:
+    """``linear_log_probs`` (with the entropy and a traced temperature) beside the
+    materialising path (``jax.nn.log_softmax`` of the float32 logits, gathered, and its
+    entropy): fwd+bwd time in float32 and bfloat16, and compiled temp memory at ``mem``."""
+    kx, kw, ky = jax.random.split(jax.random.key(2), 3)
+    x32 = jax.random.normal(kx, (n, d), jnp.float32)
+    w32 = jax.random.normal(kw, (v, d), jnp.float32) / np.sqrt(d)
+
+    def ours(x, w, y, t):
+        log_p, ent = softjax.linear_log_probs(x, w, y, temperature=t, return_entropy=True)
+        return jnp.sum(jnp.linspace(0.5, 1.5, x.shape[0]) * log_p) + jnp.sum(ent)
+
+    def peer(x, w, y, t):
+        logits = jnp.einsum("nd,vd->nv", x, w, preferred_element_type=jnp.float32) / t
+        lp = jax.nn.log_softmax(logits)
+        log_p = jnp.take_along_axis(lp, y[:, None], axis=-1)[:, 0]
+        return jnp.sum(jnp.linspace(0.5, 1.5, x.shape[0]) * log_p) - jnp.sum(jnp.exp(lp) * lp)
+
+    y = jax.random.randint(ky, (n,), 0, v)
+    t = jnp.float32(0.9)
+    rows = Rows()
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x, w = x32.astype(dtype), w32.astype(dtype)
+        fns = [jax.jit(jax.grad(f, (0, 1, 3))) for f in (ours, peer)]
+        times = timings(fns, (x, w, y, t), reps=reps, warmup=1)
+        rows.append(
+            dict(
+                op="linear_log_probs",
+                case=f"fwd+bwd N={n} D={d} V={v} T, entropy",
+                dtype=jnp.dtype(dtype).name,
+                peer="x@w.T + log_softmax",
+                **ratio_columns(times[0], times[1]),
+            )
+        )
+    mn, md, mv = mem
+    specs = (*_specs(mn, md, mv, jnp.bfloat16)[:2], jax.ShapeDtypeStruct((mn,), jnp.int32), t)
+    temps = [temp_bytes(jax.grad(f, (0, 1, 3)), *specs) for f in (ours, peer)]
+    rows.append(
+        dict(
+            op="linear_log_probs",
+            case=f"mem N={mn} D={md} V={mv} T, entropy",
+            dtype="bfloat16",
+            peer="x@w.T + log_softmax",
+            softjax_MiB=temps[0] / 2**20,
+            peer_MiB=temps[1] / 2**20,
+        )
+    )
+    return rows
+
+
 def _compile_target(target, heads, impls) -> list[dict]:
     """``bench.deviceless`` rows for ``target`` (its own process: one TPU generation each)."""
     flags = [f for h in heads for f in ("--head", h)] + [f for i in impls for f in ("--impl", i)]
@@ -277,6 +330,7 @@ def run(args) -> list[dict]:
     rows += time_rows(tn, td, tv, reps)
     if not args.quick:
         rows += reduction_rows(tn, td, tv, reps)
+        rows += log_probs_rows(tn, td, tv, reps, mem=(n, d, vs[-1]))
     if not args.quick:
         # One head and target per chip family by default; every target with --full, every
         # head of the accelerator table with --large.

@@ -64,6 +64,18 @@ CASES = {
         ),
         "loss",
     ),
+    "linear_log_probs": Case(
+        lambda x: jnp.stack(
+            sj.linear_log_probs(
+                x,
+                jnp.asarray(W_OUT, x.dtype),
+                _labels(x) % 5,
+                temperature=0.8,
+                return_entropy=True,
+            )
+        ),  # fmt: skip
+        "loss",
+    ),
     "sparsemax": Case(lambda x: sj.sparsemax(x), "same"),
     "entmax15": Case(lambda x: sj.entmax15(x), "same"),
     "binary_cross_entropy": Case(
@@ -219,5 +231,5 @@ def test_every_public_function_is_covered():
 
     public = functions(sj, sj.__all__)
     public |= functions(sampling, sampling.__all__) | functions(calibration, calibration.__all__)
-    covered = {name.removesuffix("_probs") for name in CASES} | set(EXTRA_COVERED)
+    covered = set(CASES) | {name.removesuffix("_probs") for name in CASES} | set(EXTRA_COVERED)
     assert public <= covered, public - covered

@@ -1,5 +1,6 @@
-"""Vocabulary-scale cross-entropy: one entry point, several backends (see ``api.py``)."""
+"""Vocabulary-scale losses and scores: one entry point each, several backends (``api.py``)."""
 
 from .api import linear_cross_entropy as linear_cross_entropy
+from .log_probs import linear_log_probs as linear_log_probs
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "linear_log_probs"]
