@@ -104,8 +104,25 @@ def small_blocks(monkeypatch):
 # (implementation, path): "natural" and "two-pass" name the chunked paths; the single pass serves
 # float32/float64 weights with a scalar reduction, so "two-pass" forces the other one there.
 PATHS = [("chunked", "natural"), ("chunked", "two-pass"), ("pallas", "natural"), ("xla", "natural")]
+# The Pallas kernels (interpreted, ~10 s a case) run two cases by default, the rest under
+# `slow`; test_vocab.py compares them with the chunked path at every option.
+PALLAS_DEFAULT = {(F32, "mean"), (BF16, "none")}
+
+
+def _marks(impl, dtype, reduction):
+    slow = impl == "pallas" and (dtype, reduction) not in PALLAS_DEFAULT
+    return [pytest.mark.slow] if slow else []
+
+
 GRID = [
-    pytest.param(impl, path, dtype, reduction, id=f"{impl}-{path}-{dtype.__name__}-{reduction}")
+    pytest.param(
+        impl,
+        path,
+        dtype,
+        reduction,
+        id=f"{impl}-{path}-{dtype.__name__}-{reduction}",
+        marks=_marks(impl, dtype, reduction),
+    )
     for impl, path in PATHS
     for dtype in (F32, BF16, F64)
     for reduction in ("mean", "sum", "none")
