@@ -124,6 +124,16 @@ class LabelTerms(NamedTuple):
     zloss_coef: jax.Array
 
 
+def bad_labels(labels, valid, num_classes: int, dtype) -> jax.Array:
+    """NaN where a counted label lies outside ``[0, num_classes)``, else 0 (``dtype``).
+
+    An out-of-range label is a bug in the data: added to a result, it makes it loud (jit
+    cannot raise on data).
+    """
+    in_range = (labels >= 0) & (labels < num_classes)
+    return jnp.where(valid & ~in_range, jnp.nan, 0.0).astype(dtype)
+
+
 def label_terms(labels, valid, label_weight, num_classes: int, opts: Options) -> LabelTerms:
     """Coefficients per example (valid rows only; NaN for an out-of-range label).
 
@@ -131,10 +141,8 @@ def label_terms(labels, valid, label_weight, num_classes: int, opts: Options) ->
     The z-loss is weighted like the example (``w_y``), so that a weighted mean stays a
     weighted mean of per-example losses.
     """
-    in_range = (labels >= 0) & (labels < num_classes)
     valid_f = valid.astype(label_weight.dtype)
-    # An out-of-range label is a bug in the data: make it loud (jit cannot raise on data).
-    bad = jnp.where(valid & ~in_range, jnp.nan, 0.0).astype(label_weight.dtype)
+    bad = bad_labels(labels, valid, num_classes, label_weight.dtype)
     nll = valid_f * (1 - opts.smoothing) * label_weight + bad
     smooth = valid_f * opts.smoothing / num_classes + bad
     zl = valid_f * opts.z_loss * label_weight + bad
@@ -552,8 +560,8 @@ def _bce_terms_jvp(primals, tangents):
 
     Each sigmoid is taken on its own side (``σ(-|x|) = e / (1 + e)``, ``e = exp(-|x|)``), so
     the gradient of a tiny loss keeps its relative accuracy. Autodiff of the two
-    log-sigmoids evaluated two ``logaddexp`` derivatives: fwd+bwd took about 1.15x optax's
-    time, this 1.0-1.06x (``[2048, 32768]`` float32, one process, interleaved).
+    log-sigmoids evaluated two ``logaddexp`` derivatives (``value_and_grad`` at
+    ``[2048, 32768]`` float32, interleaved: 0.97-1.20x optax's time, this 0.86-1.12x).
     """
     x, t, pw = primals
     x_dot, t_dot, pw_dot = tangents

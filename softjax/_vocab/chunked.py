@@ -172,20 +172,27 @@ class Moments(NamedTuple):
     s2: jax.Array
 
 
+def reanchor_moments(mo: Moments, m_old, m_new, total_old) -> Moments:
+    """:class:`Moments` taken below ``m_old`` re-anchored at ``m_new >= m_old``.
+
+    With ``d = m_new - m_old``, ``a = e^(-d)`` and ``S0 = total_old`` (relative to
+    ``m_old``): ``s1 <- a (s1 + d S0)``, ``s2 <- a (s2 + 2 d s1 + d^2 S0)``; nothing where
+    ``m_old = -inf`` (nothing seen). Used across blocks and across vocabulary shards.
+    """
+    seen = jnp.isfinite(m_old)
+    d = jnp.where(seen, m_new - m_old, 0.0)
+    a = jnp.where(seen, jnp.exp(-d), 0.0)
+    return Moments(a * (mo.s1 + d * total_old), a * (mo.s2 + 2 * d * mo.s1 + d * d * total_old))
+
+
 def merge_moments(mo: Moments, m_old, m_new, total_old, z, col_ok) -> Moments:
     """Folds a block of logits ``z`` ``[n, Bv]`` into the :class:`Moments` ``mo``.
 
     ``m_old``/``m_new`` are the running maxima before and after the block (``[n, 1]``),
-    ``total_old`` the ``S0`` seen before it (relative to ``m_old``). Re-anchoring from
-    ``m_old`` to ``m_new`` (``d = m_new - m_old``): ``s1 <- a (s1 + d S0)``,
-    ``s2 <- a (s2 + 2 d s1 + d^2 S0)`` with ``a = e^(-d)``.
+    ``total_old`` the ``S0`` seen before it (relative to ``m_old``).
     """
     shift = nx.empty_row_shift(m_new)
-    seen = jnp.isfinite(m_old)
-    d = jnp.where(seen, shift - m_old, 0.0)
-    a = jnp.where(seen, jnp.exp(-d), 0.0)
-    s1 = a * (mo.s1 + d * total_old)
-    s2 = a * (mo.s2 + 2 * d * mo.s1 + d * d * total_old)
+    s1, s2 = reanchor_moments(mo, m_old, shift, total_old)
     z = jnp.where(col_ok, z, -jnp.inf)
     e = jnp.exp(z - shift)
     u = jnp.where(e == 0, 0.0, shift - z)  # m - z, 0 where e is (-inf logits: inf)

@@ -42,19 +42,8 @@ def _merge_moments(st: chunked.Stats, mo: chunked.Moments, m, axis) -> chunked.M
     """The moments of every shard re-anchored at the global maximum ``m`` and summed."""
     if axis is None:
         return mo
-    seen = jnp.isfinite(st.m)
-    d = jnp.where(seen, m - st.m, 0.0)
-    a = jnp.where(seen, jnp.exp(-d), 0.0)
-    total = 1 + st.rest + st.rest_c
-    s1 = a * (mo.s1 + d * total)
-    s2 = a * (mo.s2 + 2 * d * mo.s1 + d * d * total)
+    s1, s2 = chunked.reanchor_moments(mo, st.m, m, 1 + st.rest + st.rest_c)
     return chunked.Moments(lax.psum(s1, axis), lax.psum(s2, axis))
-
-
-def _bad_labels(labels, valid, num_classes):
-    """NaN where a counted label lies outside the vocabulary (a bug in the data), else 0."""
-    in_range = (labels >= 0) & (labels < num_classes)
-    return jnp.where(valid & ~in_range, jnp.nan, 0.0)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -74,7 +63,7 @@ def _tempered_fwd(x, w, labels, valid, scale, cap, cfg: api.Config):
     local, here = api._local_labels(labels, v_local, axis)
     z_y = chunked.target_logits(x, w, local, lmap)
     z_y = z_y if axis is None else lax.psum(jnp.where(here, z_y, 0.0), axis)
-    bad = _bad_labels(labels, valid, cfg.num_classes)
+    bad = _losses.bad_labels(labels, valid, cfg.num_classes, nx.compute_dtype(x.dtype))
     log_p = jnp.where(valid, -((merged.m - z_y) + merged.log_norm), 0.0) + bad
     total = jnp.exp(merged.log_norm)
     mean_gap = mo.s1 / total  # E_p[m - z]
@@ -109,8 +98,8 @@ _tempered.defvjp(_tempered_fwd, _tempered_bwd)
 def _plain(x, w, labels, valid, scale, cap, cfg: api.Config, entropy: bool):
     """Minus the per-row cross-entropy (every streaming backend, ``cfg.stream``)."""
     del scale, entropy
-    opts = _losses.Options(jnp.zeros((), x.dtype), jnp.zeros((), x.dtype), cap)
-    opts = jax.tree.map(lambda a: a.astype(nx.compute_dtype(x.dtype)), opts)
+    zero = jnp.zeros((), nx.compute_dtype(x.dtype))
+    opts = _losses.Options(smoothing=zero, z_loss=zero, softcap=cap)
     losses = api.row_losses(x, w, labels, valid, None, opts, cfg)
     return -losses, None
 
@@ -132,12 +121,12 @@ def _materialized(x, w, labels, valid, scale, cap, cfg: api.Config, entropy: boo
     gathered first with ``vocab_axis_name``); differentiated by autodiff."""
     if cfg.axis_name is not None:
         w = lax.all_gather(w, cfg.axis_name, tiled=True)
-    z = chunked.map_logits(nx.dot(x, w, (1, 1), nx.compute_dtype(x.dtype)), cap)
-    z = z if scale is None else z * scale
+    raw = nx.dot(x, w, (1, 1), nx.compute_dtype(x.dtype))
+    z = chunked.map_logits(raw, chunked.LogitMap(cap, scale))
     log_probs = _softmax.log_softmax(z, axis=-1)
     safe = jnp.clip(labels, 0, w.shape[0] - 1)
     log_p = jnp.take_along_axis(log_probs, safe[:, None], axis=-1)[:, 0]
-    bad = _bad_labels(labels, valid, cfg.num_classes)
+    bad = _losses.bad_labels(labels, valid, cfg.num_classes, nx.compute_dtype(x.dtype))
     log_p = jnp.where(valid, log_p, 0.0) + bad
     ent = None
     if entropy:
