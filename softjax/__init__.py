@@ -12,6 +12,7 @@ from ._softmax import softmax as softmax
 from ._sparse import entmax15 as entmax15
 from ._sparse import sparsemax as sparsemax
 from ._vocab import linear_cross_entropy as linear_cross_entropy
+from ._vocab import linear_kl_divergence as linear_kl_divergence
 from ._vocab import linear_log_probs as linear_log_probs
 from .sampling import sample as sample
 
@@ -37,6 +38,7 @@ __all__ = [
     "dot_product_attention",
     "entmax15",
     "linear_cross_entropy",
+    "linear_kl_divergence",
     "linear_log_probs",
     "log_softmax",
     "logsumexp",

@@ -42,6 +42,12 @@ def _labels(x):
     return LABELS[: x.shape[0]]
 
 
+def _teacher(x):
+    """A teacher's hidden states of ``x``'s shape, not a function of ``x`` (the teacher of
+    ``linear_kl_divergence`` is a constant)."""
+    return jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape)
+
+
 CASES = {
     "softmax": Case(lambda x: sj.softmax(x, temperature=0.9), "same"),
     "log_softmax": Case(
@@ -62,6 +68,18 @@ CASES = {
         lambda x: sj.linear_cross_entropy(
             x, jnp.asarray(W_OUT, x.dtype), _labels(x) % 5, label_smoothing=0.1
         ),
+        "loss",
+    ),
+    "linear_kl_divergence": Case(
+        lambda x: sj.linear_kl_divergence(
+            x,
+            jnp.asarray(W_OUT, x.dtype),
+            _teacher(x),
+            jnp.asarray(W_OUT, x.dtype),
+            temperature=1.5,
+            beta=0.3,
+            reduction="none",
+        ),  # fmt: skip
         "loss",
     ),
     "linear_log_probs": Case(

@@ -296,21 +296,23 @@ REGISTRY.register("chunked", _chunked)
 REGISTRY.register("pallas", _pallas, _pallas_unsupported)
 
 
-def _operands(x, w):
+def _operands(x, w, x_name: str = "x", w_name: str = "w"):
     """``x`` ``[..., D]`` and ``w`` ``[V, D]`` checked (floating, matching D, V > 0)."""
-    x = _checks.floating(x, "x")
-    w = _checks.floating(w, "w")
+    x = _checks.floating(x, x_name)
+    w = _checks.floating(w, w_name)
     if x.ndim < 1:
-        raise ValueError("x must have shape [..., D] with the hidden axis last, got shape ()")
+        raise ValueError(
+            f"{x_name} must have shape [..., D] with the hidden axis last, got shape ()"
+        )
     if w.ndim != 2:
-        raise ValueError(f"w must have shape (V, D), got shape {w.shape}")
+        raise ValueError(f"{w_name} must have shape (V, D), got shape {w.shape}")
     if w.shape[1] != x.shape[-1]:
         raise ValueError(
-            f"w has shape {w.shape} but x {x.shape} has hidden size D={x.shape[-1]}: "
-            f"expected w of shape (V, {x.shape[-1]})"
+            f"{w_name} has shape {w.shape} but {x_name} {x.shape} has hidden size "
+            f"D={x.shape[-1]}: expected {w_name} of shape (V, {x.shape[-1]})"
         )
     if w.shape[0] == 0:
-        raise ValueError(f"w must have at least one class (row), got shape {w.shape}")
+        raise ValueError(f"{w_name} must have at least one class (row), got shape {w.shape}")
     return x, w
 
 

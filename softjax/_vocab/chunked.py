@@ -309,7 +309,44 @@ def backward(
 
     ``labels`` index ``w``'s rows (callers shift them by the shard offset); ``coefs`` are
     :class:`softjax._losses.GradCoefs` already multiplied by the upstream cotangent;
-    ``shift``/``log_norm`` give ``lse = shift + log_norm`` per row.
+    ``shift``/``log_norm`` give ``lse = shift + log_norm`` per row. The loops are
+    :func:`backward_blocks`'s; this is the cross-entropy's gradient block.
+    """
+
+    def grad_block(raw, cols, rows, side, tok):
+        del tok
+        lab, ok, cf, sh, ln = rows
+        (cw_blk,) = side
+        stats = _losses.RowStats(sh[:, None], ln[:, None])
+        dz = block_grads(raw, cap, cols[None, :] == lab[:, None], stats, cf, cw_blk)
+        return jnp.where(ok[:, None], dz, 0.0)  # excluded rows contribute exactly zero
+
+    rows = (labels, row_ok, coefs, shift, log_norm)
+    return backward_blocks(
+        x, w, grad_block, rows, (class_weight,), block_v=block_v, block_n=block_n
+    )
+
+
+def backward_blocks(
+    x,
+    w,
+    grad_block,
+    rows,
+    vocab_side=(),
+    token_side=(),
+    *,
+    block_v: int,
+    block_n: int | None = None,
+):
+    """``dx = dz @ w`` (float32 ``[N, D]``) and ``dw = dz.T @ x`` (``w.dtype``), block by block.
+
+    ``dz = grad_block(raw, cols, rows_blk, vocab_blk, token_blk)`` is the gradient with respect
+    to a block of raw logits ``raw = x_blk @ w_blk.T`` (``[bn, bv]``, compute dtype) whose
+    columns are the classes ``cols`` (``[bv]``); ``rows`` is a pytree of per-token arrays
+    (``[N, ...]``) and ``token_side`` of further ``[N, ...]`` operands (a teacher's hidden
+    states), both given sliced to the token block; ``vocab_side`` a pytree of ``[V, ...]``
+    operands (class weights, a teacher's embedding; None leaves allowed) given sliced to the
+    vocabulary block.
 
     The outer loop runs over vocabulary blocks, the inner one over token blocks of
     ``block_n`` rows: each ``dw`` block is accumulated over all tokens in float32 and cast
@@ -322,42 +359,50 @@ def backward(
     bv = min(block_v, v)
     bn = min(block_n or default_block_n(n), n)
     nb, nt = -(-v // bv), -(-n // bn)
-    rows = (labels, row_ok, coefs, shift, log_norm)
 
-    def token_body(j, carry, s, cols, col_ok, w_blk, cw_blk):
-        dx, dw_blk, x = carry
-        x = _opaque(x)
+    def token_body(j, carry, cols, col_ok, w_blk, side_blk):
+        dx, dw_blk, x, tok = carry
+        x, tok = _opaque((x, tok))
         r, _, r_ok = _block_start(j, bn, n)
         x_blk = lax.dynamic_slice_in_dim(x, r, bn, 0)
-        lab, ok, cf, sh, ln = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, r, bn, 0), rows)
-        raw, _ = block_logits(x_blk, w_blk, cap, dtype)
-        stats = _losses.RowStats(sh[:, None], ln[:, None])
-        dz = block_grads(raw, cap, cols[None, :] == lab[:, None], stats, cf, cw_blk)
-        # Excluded rows, and rows of the previous token block, contribute exactly zero.
-        dz = jnp.where((ok & r_ok)[:, None], dz, 0.0)
+        rows_blk, tok_blk = jax.tree.map(
+            lambda a: lax.dynamic_slice_in_dim(a, r, bn, 0), (rows, tok)
+        )
+        raw = nx.dot(x_blk, w_blk, (1, 1), dtype)
+        dz = grad_block(raw, cols, rows_blk, side_blk, tok_blk)
+        # Rows of the previous token block contribute exactly zero.
+        dz = jnp.where(r_ok[:, None], dz, 0.0)
         # The last vocabulary block may overlap the previous one: its dw rows there are
         # recomputed identically and overwritten (reading them back would cost a copy of
         # dw), but those columns must not reach dx twice.
         dz_x = jnp.where(col_ok[None, :], dz, 0.0).astype(x.dtype)
         dx_blk = lax.dynamic_slice_in_dim(dx, r, bn, 0) + nx.dot(dz_x, w_blk, (1, 0), dtype)
         dw_blk = dw_blk + nx.dot(dz.astype(x.dtype), x_blk, (0, 0), dtype)
-        return lax.dynamic_update_slice_in_dim(dx, dx_blk, r, 0), dw_blk, x
+        return lax.dynamic_update_slice_in_dim(dx, dx_blk, r, 0), dw_blk, x, tok
 
     def body(i, carry):
-        dx, dw, x, w_c = carry
-        w_c = _opaque(w_c)
+        dx, dw, x, w_c, side, tok = carry
+        w_c, side = _opaque((w_c, side))
         s, cols, col_ok = _block_start(i, bv, v)
         w_blk = _rows(w_c, s, bv)
-        cw_blk = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, s, bv)
+        side_blk = jax.tree.map(lambda a: _rows(a, s, bv), side)
         inner = functools.partial(
-            token_body, s=s, cols=cols, col_ok=col_ok, w_blk=w_blk, cw_blk=cw_blk
+            token_body, cols=cols, col_ok=col_ok, w_blk=w_blk, side_blk=side_blk
         )
-        dw_blk = match_vma(jnp.zeros((bv, dim), dtype), w_blk, x, coefs)
-        dx, dw_blk, x = lax.fori_loop(0, nt, inner, (dx, dw_blk, x))
-        return dx, lax.dynamic_update_slice_in_dim(dw, dw_blk.astype(w.dtype), s, 0), x, w_c
+        dw_blk = match_vma(jnp.zeros((bv, dim), dtype), w_blk, x, rows)
+        dx, dw_blk, x, tok = lax.fori_loop(0, nt, inner, (dx, dw_blk, x, tok))
+        return (
+            dx,
+            lax.dynamic_update_slice_in_dim(dw, dw_blk.astype(w.dtype), s, 0),
+            x,
+            w_c,
+            side,
+            tok,
+        )
 
-    init = (jnp.zeros((n, dim), dtype), jnp.zeros_like(w), x, w)
-    dx, dw, _, _ = lax.fori_loop(0, nb, body, match_vma(init, x, w, class_weight, coefs))
+    init = (jnp.zeros((n, dim), dtype), jnp.zeros_like(w), x, w, vocab_side, token_side)
+    init = match_vma(init, x, w, vocab_side, token_side, rows)
+    dx, dw, *_ = lax.fori_loop(0, nb, body, init)
     return dx, dw
 
 
@@ -399,36 +444,55 @@ def single_pass(x, w, labels, row_ok, terms, class_weight, cap, *, block_n: int,
     accumulator is the gradient itself. ``smoothing=False`` (label smoothing a literal 0)
     skips the pass over all classes that only the smoothing term needs.
     """
+
+    def chunk(raw, rows, tok, whole):
+        del tok, whole
+        lab, ok, tm = rows
+        z = map_logits(raw, cap)
+        stats = _losses.row_stats(z, cap)
+        loss = _losses.row_losses(z, lab, tm, class_weight, stats, smoothing)
+        dz = _losses.row_loss_grads(z, lab, tm, class_weight, stats, jnp.ones_like(loss))
+        return loss, jnp.where(ok[:, None], nx.softcap_grad(raw, cap, dz), 0.0)
+
+    return single_pass_chunks(x, w, chunk, (labels, row_ok, terms), block_n=block_n)
+
+
+def single_pass_chunks(x, w, chunk, rows, token_side=(), whole_side=(), *, block_n: int):
+    """Per-row values ``[N]``, ``dx = dz @ w`` ``[N, D]`` and ``dw = dz.T @ x`` ``[V, D]``
+    (float32), a chunk of ``Bn`` tokens against the whole vocabulary at a time.
+
+    ``(value, dz) = chunk(raw, rows_blk, token_blk, whole)``: from the raw logits ``[Bn, V]``
+    of a token chunk (compute dtype) the rows' values ``[Bn]`` and the gradient with respect
+    to ``raw``. ``rows`` and ``token_side`` are pytrees of ``[N, ...]`` arrays given sliced
+    to the chunk, ``whole_side`` a pytree of further operands given whole (a teacher's
+    embedding), threaded through the loop as ``x`` and ``w`` are (see :func:`_opaque`).
+    """
     n, dim = x.shape
     v = w.shape[0]
     dtype = nx.compute_dtype(x.dtype)
     bn = min(block_n, n)
     nt = -(-n // bn)
-    rows = (labels, row_ok, terms)
 
     def body(j, carry):
-        loss, dx, dw, x, w = carry
-        x, w = _opaque((x, w))
+        value, dx, dw, x, w, tok, whole = carry
+        x, w, tok, whole = _opaque((x, w, tok, whole))
         r, _, r_ok = _block_start(j, bn, n)
         x_blk = lax.dynamic_slice_in_dim(x, r, bn, 0)
-        lab, ok, tm = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, r, bn, 0), rows)
+        rows_blk, tok_blk = jax.tree.map(
+            lambda a: lax.dynamic_slice_in_dim(a, r, bn, 0), (rows, tok)
+        )
+        raw = nx.dot(x_blk, w, (1, 1), dtype)
+        blk_value, dz = chunk(raw, rows_blk, tok_blk, whole)
         # Rows of the previous chunk (ragged last chunk) are recomputed but contribute nothing.
-        tm = jax.tree.map(lambda c: jnp.where(r_ok, c, 0.0), tm)
-        raw, z = block_logits(x_blk, w, cap, dtype)
-        stats = _losses.row_stats(z, cap)
-        blk_loss = _losses.row_losses(z, lab, tm, class_weight, stats, smoothing)
-        g = jnp.ones((bn,), dtype)
-        dz = _losses.row_loss_grads(z, lab, tm, class_weight, stats, g)
-        dz = nx.softcap_grad(raw, cap, dz)
-        dz = jnp.where((ok & r_ok)[:, None], dz, 0.0).astype(x.dtype)
-        old = lax.dynamic_slice_in_dim(loss, r, bn, 0)
-        loss = lax.dynamic_update_slice_in_dim(loss, jnp.where(r_ok, blk_loss, old), r, 0)
+        dz = jnp.where(r_ok[:, None], dz, 0.0).astype(x.dtype)
+        old = lax.dynamic_slice_in_dim(value, r, bn, 0)
+        value = lax.dynamic_update_slice_in_dim(value, jnp.where(r_ok, blk_value, old), r, 0)
         dx_blk = nx.dot(dz, w, (1, 0), dtype)
         dx_old = lax.dynamic_slice_in_dim(dx, r, bn, 0)
         dx = lax.dynamic_update_slice_in_dim(dx, jnp.where(r_ok[:, None], dx_blk, dx_old), r, 0)
         dw = dw + nx.dot(dz, x_blk, (0, 0), dtype)
-        return loss, dx, dw, x, w
+        return value, dx, dw, x, w, tok, whole
 
-    init = (jnp.zeros((n,), dtype), jnp.zeros((n, dim), dtype), jnp.zeros((v, dim), dtype), x, w)
-    loss, dx, dw, _, _ = lax.fori_loop(0, nt, body, init)
-    return loss, dx, dw
+    zeros = (jnp.zeros((n,), dtype), jnp.zeros((n, dim), dtype), jnp.zeros((v, dim), dtype))
+    value, dx, dw, *_ = lax.fori_loop(0, nt, body, (*zeros, x, w, token_side, whole_side))
+    return value, dx, dw

@@ -155,7 +155,7 @@ REGISTRY.register("chunked", _chunked)
 REGISTRY.register("pallas", _pallas, _pallas_unsupported)
 
 
-def _scale(temperature, dtype):
+def temperature_scale(temperature, dtype):
     """``1 / T`` as a scalar of ``dtype``, or None for a literal 1 (nothing to scale)."""
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
         if not (math.isfinite(temperature) and temperature > 0):
@@ -229,7 +229,7 @@ def linear_log_probs(
     mm_dtype = jnp.promote_types(x.dtype, w.dtype)
     dtype = nx.compute_dtype(mm_dtype)
     cap = _losses.loss_options(0.0, 0.0, logit_softcap, "none", dtype).softcap
-    scale = _scale(temperature, dtype)
+    scale = temperature_scale(temperature, dtype)
     batch_shape = x.shape[:-1]
     labels = _checks.int_labels(
         labels, batch_shape, f"x {x.shape} without its last axis", "linear_log_probs"
