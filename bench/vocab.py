@@ -320,6 +320,76 @@ def format_target_rows(rows) -> str:
     return "\n".join(lines)
 
 
+def _naive_divergence(xs, ws, xt, wt, t, beta):
+    """The materialising path: both float32 logits (float64 for float64 inputs),
+    ``jax.nn.log_softmax``, the divergence."""
+    acc = jnp.promote_types(xs.dtype, jnp.float32)
+    ls = jax.nn.log_softmax(jnp.einsum("nd,vd->nv", xs, ws, preferred_element_type=acc) / t)
+    lt = jax.nn.log_softmax(jnp.einsum("nd,vd->nv", xt, wt, preferred_element_type=acc) / t)
+    lt = jax.lax.stop_gradient(lt)
+    if beta is None:
+        return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), -1))
+    lm = jnp.logaddexp(np.log(beta) + lt, np.log1p(-beta) + ls)
+    kl_t = jnp.sum(jnp.exp(lt) * (lt - lm), -1)
+    kl_s = jnp.sum(jnp.exp(ls) * (ls - lm), -1)
+    return jnp.mean(beta * kl_t + (1 - beta) * kl_s)
+
+
+def distill_rows(n, d, v, reps, mem=(8192, 2048, 131072)) -> list[dict]:
+    """``linear_kl_divergence`` (forward KL and the JSD, T = 2, "mean") beside the
+    materialising path: fwd+bwd time (student gradients) in float32 and bfloat16, the
+    float32 result's error against the float64 materialised divergence, compiled temp memory
+    at ``mem``."""
+    ks = jax.random.split(jax.random.key(3), 4)
+    xs32 = jax.random.normal(ks[0], (n, d), jnp.float32)
+    ws32 = jax.random.normal(ks[1], (v, d), jnp.float32) / np.sqrt(d)
+    xt32 = jax.random.normal(ks[2], (n, d), jnp.float32)
+    wt32 = 1.5 * jax.random.normal(ks[3], (v, d), jnp.float32) / np.sqrt(d)
+    rows = Rows()
+    for beta, name in ((None, "forward KL"), (0.5, "JSD")):
+
+        def ours(xs, ws, xt, wt, beta=beta):
+            return softjax.linear_kl_divergence(xs, ws, xt, wt, temperature=2.0, beta=beta)
+
+        def peer(xs, ws, xt, wt, beta=beta):
+            return _naive_divergence(xs, ws, xt, wt, 2.0, beta)
+
+        for dtype in (jnp.float32, jnp.bfloat16):
+            args = tuple(a.astype(dtype) for a in (xs32, ws32, xt32, wt32))
+            fns = [jax.jit(jax.grad(f, (0, 1))) for f in (ours, peer)]
+            times = timings(fns, args, reps=reps, warmup=1)
+            extra = {}
+            if dtype == jnp.float32:
+                with jax.enable_x64(True):
+                    ref = float(peer(*(jnp.asarray(a, jnp.float64) for a in args)))
+                    assert jnp.asarray(ref).dtype == jnp.float64
+                extra["rel_error"] = abs(float(jax.jit(ours)(*args)) - ref) / ref
+            rows.append(
+                dict(
+                    op="linear_kl_divergence",
+                    case=f"fwd+bwd N={n} D={d} V={v} {name}, T=2",
+                    dtype=jnp.dtype(dtype).name,
+                    peer="x@w.T + log_softmax",
+                    **ratio_columns(times[0], times[1]),
+                    **extra,
+                )
+            )
+    mn, md, mv = mem
+    specs = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((mn, md), (mv, md)) * 2]
+    temps = [temp_bytes(jax.grad(f, (0, 1)), *specs) for f in (ours, peer)]
+    rows.append(
+        dict(
+            op="linear_kl_divergence",
+            case=f"mem N={mn} D={md} V={mv} JSD, T=2",
+            dtype="bfloat16",
+            peer="x@w.T + log_softmax",
+            softjax_MiB=temps[0] / 2**20,
+            peer_MiB=temps[1] / 2**20,
+        )
+    )
+    return rows
+
+
 def run(args) -> list[dict]:
     # Memory is compiled, not run: the realistic head at every tier but --quick.
     n, d, vs = tier(args, (512, 128, (4096, 8192)), *[(8192, 2048, (65536, 131072))] * 2)
@@ -331,6 +401,7 @@ def run(args) -> list[dict]:
     if not args.quick:
         rows += reduction_rows(tn, td, tv, reps)
         rows += log_probs_rows(tn, td, tv, reps, mem=(n, d, vs[-1]))
+        rows += distill_rows(tn, td, tv, reps, mem=(n, d, vs[-1]))
     if not args.quick:
         # One head and target per chip family by default; every target with --full, every
         # head of the accelerator table with --large.

@@ -14,6 +14,7 @@ from ._sparse import sparsemax as sparsemax
 from ._vocab import linear_cross_entropy as linear_cross_entropy
 from ._vocab import linear_kl_divergence as linear_kl_divergence
 from ._vocab import linear_log_probs as linear_log_probs
+from ._vocab import sampled_softmax_cross_entropy as sampled_softmax_cross_entropy
 from .sampling import sample as sample
 
 try:
@@ -43,6 +44,7 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "sample",
+    "sampled_softmax_cross_entropy",
     "softmax",
     "sparsemax",
 ]

@@ -82,6 +82,18 @@ CASES = {
         ),  # fmt: skip
         "loss",
     ),
+    "sampled_softmax_cross_entropy": Case(
+        lambda x: sj.sampled_softmax_cross_entropy(
+            x,
+            jnp.asarray(W_OUT, x.dtype),
+            _labels(x) % 5,
+            jax.random.key(1),
+            num_samples=4,
+            proposal="uniform",
+            reduction="none",
+        ),  # fmt: skip
+        "loss",
+    ),
     "linear_log_probs": Case(
         lambda x: jnp.stack(
             sj.linear_log_probs(
