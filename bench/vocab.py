@@ -1,7 +1,9 @@
 """Vocabulary-scale cross-entropy: ``linear_cross_entropy`` beside ``x @ w.T`` + optax.
 
-``linear_log_probs`` (log-probabilities and entropies with a temperature) is timed and
-compiled beside its materialising path too (:func:`log_probs_rows`).
+``linear_log_probs`` (log-probabilities and entropies with a temperature) and
+``linear_kl_divergence`` (distillation) are timed and compiled beside their materialising
+paths too (:func:`log_probs_rows`, :func:`distill_rows`), ``sampled_softmax_cross_entropy``
+beside the exact ``linear_cross_entropy`` with its error (:func:`sampled_rows`).
 
 * Memory: compiled temp size of ``value_and_grad`` with respect to ``(x, w)`` (exact, no
   run) at N=8192 tokens, D=2048, V=131072, bfloat16, and at V=65536 for the growth in V;
@@ -390,6 +392,45 @@ def distill_rows(n, d, v, reps, mem=(8192, 2048, 131072)) -> list[dict]:
     return rows
 
 
+def sampled_rows(n, d, v, reps, samples=(512, 2048)) -> list[dict]:
+    """``sampled_softmax_cross_entropy`` beside the exact ``linear_cross_entropy`` (float32,
+    "mean"): fwd+bwd time, and the error of one draw's loss and ``dx`` against the exact
+    ones (relative; the estimator's bias and variance together, which shrink as S grows)."""
+    kx, kw, ky = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(kx, (n, d), jnp.float32)
+    w = jax.random.normal(kw, (v, d), jnp.float32) / np.sqrt(d)
+    y = jax.random.randint(ky, (n,), 0, v)
+    key = jax.random.key(5)
+    exact_fn = jax.jit(jax.value_and_grad(softjax.linear_cross_entropy))
+    exact, exact_dx = exact_fn(x, w, y)
+    rows = Rows()
+    for proposal in ("uniform", "log_uniform"):
+        for s in samples:
+
+            def ours(x, w, y, key=key, s=s, proposal=proposal):
+                return softjax.sampled_softmax_cross_entropy(
+                    x, w, y, key, num_samples=s, proposal=proposal
+                )
+
+            fns = [jax.jit(jax.grad(f, (0, 1))) for f in (ours, softjax.linear_cross_entropy)]
+            times = timings(fns, (x, w, y), reps=reps, warmup=1)
+            loss, dx = jax.jit(jax.value_and_grad(ours))(x, w, y)
+            rows.append(
+                dict(
+                    op="sampled_softmax_cross_entropy",
+                    case=f"fwd+bwd N={n} D={d} V={v} S={s} {proposal}",
+                    dtype="float32",
+                    peer="linear_cross_entropy",
+                    **ratio_columns(times[0], times[1]),
+                    loss_rel_error=abs(float(loss - exact)) / float(exact),
+                    grad_rel_error=float(
+                        jnp.linalg.norm(dx - exact_dx) / jnp.linalg.norm(exact_dx)
+                    ),
+                )
+            )
+    return rows
+
+
 def run(args) -> list[dict]:
     # Memory is compiled, not run: the realistic head at every tier but --quick.
     n, d, vs = tier(args, (512, 128, (4096, 8192)), *[(8192, 2048, (65536, 131072))] * 2)
@@ -402,6 +443,7 @@ def run(args) -> list[dict]:
         rows += reduction_rows(tn, td, tv, reps)
         rows += log_probs_rows(tn, td, tv, reps, mem=(n, d, vs[-1]))
         rows += distill_rows(tn, td, tv, reps, mem=(n, d, vs[-1]))
+        rows += sampled_rows(tn, td, tv, reps)
     if not args.quick:
         # One head and target per chip family by default; every target with --full, every
         # head of the accelerator table with --large.

@@ -89,3 +89,28 @@ def test_sharded_steps_equal_single_device_steps(single_run, sharded_run):
     assert sparams["embed"].addressable_shards[0].data.shape == (64, TINY.d_model)
     for a, b in zip(jax.tree.leaves(jax.device_get(sparams)), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
+
+
+def test_scores_give_the_heldout_loss_again(single_run):
+    params = single_run[0]
+    scores = tl.heldout_scores(TINY, params, max_rows=32)
+    np.testing.assert_allclose(scores["bits"], tl.heldout_bits(TINY, params, 32), rtol=1e-5)
+    assert 0 < scores["entropy_bits"] < 8  # at most log2(256) for a byte
+    assert scores["best_row_bits"] <= scores["bits"] <= scores["worst_row_bits"]
+
+
+def test_distillation_trains_the_student_toward_the_teacher(single_run):
+    teacher = single_run[0]
+    student = dataclasses.replace(TINY, d_model=16, steps=15)
+    loss = tl.distill_loss_fn(student, TINY, teacher, temperature=2.0)
+    params, kl, _ = tl.train(student, log=None, loss=loss)
+    assert np.all(np.isfinite(kl)) and kl[-3:].mean() < 0.5 * kl[:3].mean(), kl
+    # The loss is T² KL(teacher || student) over the valid positions: check one batch.
+    batch = tl.random_batch(student)
+    h_s, h_t = tl.hidden(student, params, batch), tl.hidden(TINY, teacher, batch)
+    lt = jax.nn.log_softmax(h_t @ teacher["embed"].T / 2.0)
+    ls = jax.nn.log_softmax(h_s @ params["embed"].T / 2.0)
+    rows = jnp.sum(jnp.exp(lt) * (lt - ls), -1)
+    valid = batch["valid"]
+    want = 4.0 * jnp.sum(jnp.where(valid, rows, 0.0)) / jnp.sum(valid)
+    np.testing.assert_allclose(loss(params, batch), want, rtol=1e-5)

@@ -5,14 +5,19 @@ A decoder-only transformer (Flax linen) on the help topics that ship with Python
 (causal, packed sequences separated by ``segment_ids``), the output layer is tied to the input
 embedding and trained with :func:`softjax.linear_cross_entropy` (label smoothing and z-loss),
 optimised with optax. At the end it reports held-out bits per byte against the unigram and
-bigram baselines, a sample drawn with :func:`softjax.sample` (temperature and top-p), the
-expected calibration error before and after :func:`softjax.calibration.fit_temperature`, and
-writes a loss curve.
+bigram baselines, the held-out scores of :func:`softjax.linear_log_probs` (log-probabilities
+and prediction entropies, per byte and per row), a sample drawn with :func:`softjax.sample`
+(temperature and top-p), the expected calibration error before and after
+:func:`softjax.calibration.fit_temperature`, and writes a loss curve.
 
 Flags:
   ``--plain``    compare the step against ``jax.nn.dot_product_attention`` + ``x @ w.T`` + an
                  optax loss: step time and compiled temp memory at the default size and at a
                  long-context / large-vocabulary size (no training).
+  ``--distill``  then train a smaller student (``--student-d-model``, ``--student-layers``)
+                 on the model's next-byte distributions with
+                 :func:`softjax.linear_kl_divergence` (``--distill-temperature``), beside the
+                 same student trained on the labels.
   ``--devices P`` train on ``P`` virtual CPU devices over a 2-D ``(data, model)`` mesh: batch
                  sharded over ``data``, the tied embedding sharded over the vocabulary on
                  ``model`` and the loss vocab-parallel (``vocab_axis_name="model"``).
@@ -394,10 +399,11 @@ def shard(tree, specs, mesh: Mesh):
 # Training loop, evaluation, sampling, calibration
 
 
-def train(cfg: Config, devices: int = 1, log=sys.stderr, params=None):
+def train(cfg: Config, devices: int = 1, log=sys.stderr, params=None, loss=None):
     """Trains for ``cfg.steps``; returns ``(params, losses [steps], tokens/s)``.
 
-    Progress is one ``\\r``-rewritten line on ``log`` (None for silence).
+    Progress is one ``\\r``-rewritten line on ``log`` (None for silence). ``loss(params,
+    batch)`` replaces the training loss on one device (distillation).
     """
     train_docs, _ = corpus()
     data, ids = stream(train_docs)
@@ -409,7 +415,8 @@ def train(cfg: Config, devices: int = 1, log=sys.stderr, params=None):
         params = shard(params, param_specs(params), mesh)
         batch_sharding = NamedSharding(mesh, P("data"))
     else:
-        loss = partial(loss_fn if cfg.attention == "softjax" else plain_loss_fn, cfg)
+        if loss is None:
+            loss = partial(loss_fn if cfg.attention == "softjax" else plain_loss_fn, cfg)
         batch_sharding = None
     opt_state = optimizer.init(params)
     step = jax.jit(make_step(cfg, loss, optimizer), donate_argnums=(0, 1))
@@ -460,6 +467,66 @@ def heldout_bits(cfg: Config, params, max_rows: int = 512) -> float:
         total += float(nats[batch["valid"]].sum())
         count += int(batch["valid"].sum())
     return total / count / math.log(2)
+
+
+@partial(jax.jit, static_argnums=0)
+def _scores(cfg: Config, params, batch):
+    """``log p`` of each next byte and the entropy of each prediction ``[B, T]`` (0 where not
+    valid), by :func:`softjax.linear_log_probs`: the scores of reranking and perplexity."""
+    h = hidden(cfg, params, batch)
+    return softjax.linear_log_probs(
+        h, params["embed"], batch["labels"], where=batch["valid"], return_entropy=True
+    )
+
+
+def heldout_scores(cfg: Config, params, max_rows: int = 512) -> dict:
+    """Scoring of the held-out rows: bits per byte from the summed ``log p`` (the held-out
+    loss again, by another function), the mean entropy of the predictions in bits, and the
+    rows' mean ``log p`` per byte (a sequence score) at its best and worst."""
+    _, held = corpus()
+    data, ids = stream(held)
+    total, entropy, count, per_row = 0.0, 0.0, 0, []
+    for batch in eval_batches(data, ids, cfg.seq_len, cfg.batch, max_rows):
+        log_p, ent = (np.asarray(a, np.float64) for a in _scores(cfg, params, batch))
+        valid = batch["valid"]
+        total += float(log_p[valid].sum())
+        entropy += float(ent[valid].sum())
+        count += int(valid.sum())
+        has = valid.sum(-1) > 0
+        per_row += list(log_p.sum(-1)[has] / valid.sum(-1)[has])
+    return {
+        "bits": -total / count / math.log(2),
+        "entropy_bits": entropy / count / math.log(2),
+        "best_row_bits": -max(per_row) / math.log(2),
+        "worst_row_bits": -min(per_row) / math.log(2),
+    }
+
+
+def distill_loss_fn(student: Config, teacher: Config, teacher_params, temperature: float):
+    """``loss(params, batch)``: the forward KL from the teacher's next-byte distribution to
+    the student's at ``temperature``, times ``T²`` (Hinton et al.), by
+    :func:`softjax.linear_kl_divergence` (the two hidden sizes differ; the teacher is a
+    constant)."""
+
+    def loss(params, batch):
+        h_t = hidden(teacher, teacher_params, batch)
+        h_s = hidden(student, params, batch)
+        return softjax.linear_kl_divergence(
+            h_s, params["embed"], h_t, teacher_params["embed"], temperature=temperature,
+            where=batch["valid"], multiply_by_temperature_squared=True,
+        )  # fmt: skip
+
+    return loss
+
+
+def distill(student: Config, teacher: Config, teacher_params, temperature=2.0, log=sys.stderr):
+    """A student trained from the teacher's distributions alone, and the same student trained
+    on the labels, for the same steps: ``(distilled, from_labels)`` held-out bits per byte,
+    and the distillation losses."""
+    loss = distill_loss_fn(student, teacher, teacher_params, temperature)
+    distilled, kl, _ = train(student, log=log, loss=loss)
+    plain, _, _ = train(student, log=log)
+    return heldout_bits(student, distilled), heldout_bits(student, plain), kl
 
 
 def baseline_bits() -> tuple[float, float]:
@@ -624,6 +691,12 @@ def main(argv=None) -> None:
     ap.add_argument("--large-vocab", type=int, default=32768, help="--plain large size: V")
     ap.add_argument("--large-batch", type=int, default=2, help="--plain large size: B")
     ap.add_argument("--out", default="bench_out", help="folder for the loss curve PNG")
+    ap.add_argument(
+        "--distill", action="store_true", help="then distill a smaller student from the model"
+    )
+    ap.add_argument("--student-d-model", type=int, default=64, help="--distill: student's D")
+    ap.add_argument("--student-layers", type=int, default=2, help="--distill: its layers")
+    ap.add_argument("--distill-temperature", type=float, default=2.0, help="--distill: T")
     args = ap.parse_args(argv)
     cfg = Config(
         d_model=args.d_model,
@@ -650,6 +723,12 @@ def main(argv=None) -> None:
         f"held-out: {bits:.3f} bits/byte (baselines: unigram {uni:.3f}, bigram {bi:.3f}); "
         f"{rate:.0f} tok/s"
     )
+    sc = heldout_scores(cfg, params)
+    print(
+        f"scoring (linear_log_probs): {sc['bits']:.3f} bits/byte, prediction entropy "
+        f"{sc['entropy_bits']:.3f} bits; rows from {sc['best_row_bits']:.3f} to "
+        f"{sc['worst_row_bits']:.3f} bits/byte"
+    )
     cal = calibration_report(*heldout_logits(cfg, params, rows=128))
     print(
         f"calibration (next byte, held-out): ECE {cal['ece_before']:.4f} -> "
@@ -661,6 +740,17 @@ def main(argv=None) -> None:
     path = os.path.join(args.out, "tiny_lm_loss.png")
     plot_losses(losses, path, f"{cfg.n_layers} layers, d={cfg.d_model}, {args.devices} device(s)")
     print(f"loss curve: {path}")
+    if args.distill:
+        student = dataclasses.replace(
+            cfg, d_model=args.student_d_model, n_layers=args.student_layers
+        )
+        t = args.distill_temperature
+        print(f"distilling a student (D={student.d_model}, {student.n_layers} layers) at T={t}")
+        distilled, from_labels, _ = distill(student, cfg, params, t)
+        print(
+            f"student held-out: distilled {distilled:.3f} bits/byte, trained on the labels "
+            f"{from_labels:.3f} (teacher {bits:.3f})"
+        )
 
 
 if __name__ == "__main__":
