@@ -37,6 +37,12 @@ EXPECTED = [
     pytest.param(
         "05_train_a_tiny_lm", ["ECE before", "NLL before", "below the bigram"], "flax", id="05"
     ),
+    pytest.param(
+        "06_scoring_and_distillation",
+        ["max |log p - float64|", "student held-out: distilled", "S= 4096"],
+        "flax",
+        id="06",
+    ),
 ]
 
 
@@ -50,7 +56,24 @@ def check_05(text):
     assert after < before, (before, after)
 
 
-CHECKS = {"05_train_a_tiny_lm": check_05}
+def check_06(text):
+    # Scores are exact, memory flat, the scores give the loss again, distillation lowers its
+    # own loss, and the sampled loss's error shrinks as the sample grows.
+    for err in re.findall(r"max \|(?:log p|H) - float64\|: ([0-9.e-]+)", text):
+        assert float(err) < 1e-5, err
+    fused = [float(m) for m in re.findall(r"linear_log_probs +([0-9.]+) MiB", text)]
+    assert len(fused) == 3 and fused[-1] <= 1.1 * fused[0], fused
+    bits = re.search(r"held-out: ([0-9.]+) bits per byte \(from the loss: ([0-9.]+)\)", text)
+    assert abs(float(bits.group(1)) - float(bits.group(2))) < 2e-3, bits.group(0)
+    first, last = map(
+        float, re.search(r"loss: ([0-9.]+) in the first 10 .*?([0-9.]+) in the", text).groups()
+    )
+    assert last < first, (first, last)
+    errors = [abs(float(e)) for e in re.findall(r"error ([+-][0-9.]+)", text)]
+    assert len(errors) == 3 and errors[-1] < errors[0], errors
+
+
+CHECKS = {"05_train_a_tiny_lm": check_05, "06_scoring_and_distillation": check_06}
 
 
 def install_cell(notebook: Path) -> str:
@@ -84,7 +107,7 @@ def wheel_site(tmp_path_factory):
 
 def test_every_notebook_starts_with_the_same_install_cell():
     cells = {nb.name: install_cell(nb) for nb in NOTEBOOKS}
-    assert len(cells) == 5
+    assert len(cells) == 6
     first = cells[NOTEBOOKS[0].name]
     assert all(c == first for c in cells.values()), [n for n, c in cells.items() if c != first]
     assert first.startswith("# Installs softjax") and '\nSOFTJAX_SOURCE = ""\n' in first

@@ -507,6 +507,7 @@ def distill_loss_fn(student: Config, teacher: Config, teacher_params, temperatur
     the student's at ``temperature``, times ``T²`` (Hinton et al.), by
     :func:`softjax.linear_kl_divergence` (the two hidden sizes differ; the teacher is a
     constant)."""
+    teacher_params = jax.tree.map(jnp.asarray, teacher_params)  # host arrays too
 
     def loss(params, batch):
         h_t = hidden(teacher, teacher_params, batch)
@@ -521,12 +522,13 @@ def distill_loss_fn(student: Config, teacher: Config, teacher_params, temperatur
 
 def distill(student: Config, teacher: Config, teacher_params, temperature=2.0, log=sys.stderr):
     """A student trained from the teacher's distributions alone, and the same student trained
-    on the labels, for the same steps: ``(distilled, from_labels)`` held-out bits per byte,
-    and the distillation losses."""
+    on the labels, for the same steps: ``(params, bits, bits_from_labels, losses)``, the
+    distilled student's parameters, the two students' held-out bits per byte and the
+    distillation losses."""
     loss = distill_loss_fn(student, teacher, teacher_params, temperature)
     distilled, kl, _ = train(student, log=log, loss=loss)
     plain, _, _ = train(student, log=log)
-    return heldout_bits(student, distilled), heldout_bits(student, plain), kl
+    return distilled, heldout_bits(student, distilled), heldout_bits(student, plain), kl
 
 
 def baseline_bits() -> tuple[float, float]:
@@ -746,7 +748,7 @@ def main(argv=None) -> None:
         )
         t = args.distill_temperature
         print(f"distilling a student (D={student.d_model}, {student.n_layers} layers) at T={t}")
-        distilled, from_labels, _ = distill(student, cfg, params, t)
+        _, distilled, from_labels, _ = distill(student, cfg, params, t)
         print(
             f"student held-out: distilled {distilled:.3f} bits/byte, trained on the labels "
             f"{from_labels:.3f} (teacher {bits:.3f})"
