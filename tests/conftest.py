@@ -43,3 +43,16 @@ settings.register_profile(
 # to look for new counterexamples: HYPOTHESIS_PROFILE=dev pytest ...
 settings.register_profile("dev", derandomize=False, deadline=None, max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Vocabulary blocks of at most 64 classes, token blocks of 5 and single-pass chunks of
+    ``1000 // V`` tokens: the small problems of the fused-vocabulary tests (V ~ 150, N ~ 13)
+    then span several ragged blocks and chunks of every loop."""
+    from softjax._vocab import chunked
+
+    monkeypatch.setattr(chunked, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(chunked, "MIN_BLOCK_V", 8)
+    monkeypatch.setattr(chunked, "BLOCK_N", 5)
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 1000)

@@ -24,14 +24,6 @@ KINDS = {
 }
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Three ragged vocabulary blocks and three token blocks at the test's sizes."""
-    monkeypatch.setattr(chunked, "MAX_BLOCK_V", 64)
-    monkeypatch.setattr(chunked, "MIN_BLOCK_V", 8)
-    monkeypatch.setattr(chunked, "BLOCK_N", 5)
-
-
 def _inputs(dtype=F32, seed=0):
     """Student and teacher with different hidden sizes; the teacher sharper."""
     rng = np.random.default_rng(seed)

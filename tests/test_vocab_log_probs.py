@@ -15,14 +15,6 @@ F32, F64, BF16 = jnp.float32, jnp.float64, jnp.bfloat16
 N, D, V = 13, 16, 150
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Three ragged vocabulary blocks and three token blocks at the test's sizes."""
-    monkeypatch.setattr(chunked, "MAX_BLOCK_V", 64)
-    monkeypatch.setattr(chunked, "MIN_BLOCK_V", 8)
-    monkeypatch.setattr(chunked, "BLOCK_N", 5)
-
-
 def _inputs(dtype=F32, seed=0):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=(N, D)), F64).astype(dtype)
