@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +149,36 @@ def _logits(x, w, labels, classes, axis):
     return target, lax.psum(jnp.where(here_c[None, :], samp, 0.0), axis)
 
 
+class _Static(NamedTuple):
+    """The static choices of one call."""
+
+    num_samples: int
+    num_classes: int
+    remove_hits: bool
+    reduction: str
+    axis: object
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _run(static: _Static, name, x, w, labels, valid, key, log_q, cap):
+    """The loss of flattened operands (``x`` ``[N, D]``, ``labels``/``valid`` ``[N]``) under
+    one ``jit``: an eager call (a notebook) runs one compiled executable, not op by op."""
+    dtype = nx.compute_dtype(x.dtype)
+    n, axis = x.shape[0], static.axis
+    proposal = name if log_q is None else log_q
+    classes, log_sq = draw(key, static.num_samples, static.num_classes, proposal)
+    classes, log_sq = lax.stop_gradient(classes), lax.stop_gradient(log_sq).astype(dtype)
+    target, sampled = _logits(x, w, labels, classes, axis)
+    target, sampled = nx.softcap(target, cap), nx.softcap(sampled, cap) - log_sq[None, :]
+    if static.remove_hits:
+        sampled = jnp.where(classes[None, :] == labels[:, None], -jnp.inf, sampled)
+    logits = jnp.concatenate([target[:, None], sampled], axis=-1)
+    zeros = jnp.zeros((n,), jnp.int32)
+    losses = _losses.cross_entropy(logits, zeros, where=valid, reduction="none")
+    losses = losses + _losses.bad_labels(labels, valid, static.num_classes, dtype)
+    return _losses.reduce_losses(losses, jnp.sum(valid.astype(dtype)), static.reduction)
+
+
 def sampled_softmax_cross_entropy(
     x: ArrayLike,
     w: ArrayLike,
@@ -234,19 +266,9 @@ def sampled_softmax_cross_entropy(
     proposal = _proposal(proposal, num_classes)
     n = math.prod(batch_shape)
     x2 = x.astype(mm_dtype).reshape(n, x.shape[-1])
-    w = w.astype(mm_dtype)
     labels, valid = labels.reshape(n), valid.reshape(n)
 
-    classes, log_sq = draw(key, num_samples, num_classes, proposal)
-    classes, log_sq = lax.stop_gradient(classes), lax.stop_gradient(log_sq).astype(dtype)
-    target, sampled = _logits(x2, w, labels, classes, axis)
-    target, sampled = nx.softcap(target, cap), nx.softcap(sampled, cap) - log_sq[None, :]
-    if remove_accidental_hits:
-        sampled = jnp.where(classes[None, :] == labels[:, None], -jnp.inf, sampled)
-    logits = jnp.concatenate([target[:, None], sampled], axis=-1)
-    losses = _losses.cross_entropy(
-        logits, jnp.zeros((n,), jnp.int32), where=valid, reduction="none"
-    )
-    losses = losses + _losses.bad_labels(labels, valid, num_classes, dtype)
-    out = _losses.reduce_losses(losses, jnp.sum(valid.astype(dtype)), reduction)
+    static = _Static(num_samples, int(num_classes), remove_accidental_hits, reduction, axis)
+    name, log_q = (proposal, None) if isinstance(proposal, str) else (None, proposal)
+    out = _run(static, name, x2, w.astype(mm_dtype), labels, valid, key, log_q, cap)
     return out.reshape(batch_shape) if reduction == "none" else out
