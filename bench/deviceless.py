@@ -156,6 +156,15 @@ def loss_fn(impl: str):
                 x, y, w.T, reduction="mean", implementation="mosaic_tpu"
             )
 
+    elif impl == "log_probs":
+        # linear_log_probs on the Pallas kernels with a temperature and the entropy: the
+        # moments in the forward kernel, the spread coefficient in the gradient kernel.
+        def loss(x, w, y):
+            log_p, ent = softjax.linear_log_probs(
+                x, w, y, temperature=0.8, return_entropy=True, implementation="pallas"
+            )
+            return log_p.sum() + ent.sum()
+
     else:
 
         def loss(x, w, y):
@@ -342,7 +351,10 @@ def main(argv=None) -> int:
     parser.add_argument("--target", choices=TARGETS, required=True)
     parser.add_argument("--head", action="append", default=[], help="D,V,dtype,N or a name")
     parser.add_argument(
-        "--impl", action="append", default=[], help="pallas, chunked, naive, tokamax"
+        "--impl",
+        action="append",
+        default=[],
+        help="pallas, chunked, naive, tokamax, log_probs (linear_log_probs on the kernels)",
     )
     parser.add_argument(
         "--family", choices=["softmax", "attention"], default=None,

@@ -103,6 +103,22 @@ def test_kernel_compiles_with_temp_within_two_percent_of_the_logits(target, head
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_log_probs_kernels_compile_with_a_temperature_and_the_entropy(target):
+    # linear_log_probs on the kernels: the forward kernel keeps the moments, the gradient
+    # kernel maps through the temperature and adds the spread term. Compiled, not run.
+    missing = deviceless.available(target)
+    if missing:
+        pytest.skip(f"compiling for {target} needs {missing} (the accel extra)")
+    (row,) = deviceless.in_subprocess(
+        target, "--impl", "log_probs", "--head", ",".join(map(str, HEADS[FLAT_HEAD]))
+    )
+    assert "error" not in row, row["error"]
+    assert row["kernel"], row["custom_calls"]
+    assert row["kernels"] == ["softjax_lce_fwd", "softjax_lce_grad"], row["kernels"]
+    assert row["temp_bytes"] <= TEMP_FRACTION * row["logits_f32_bytes"], row["temp_bytes"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_temp_memory_is_flat_when_the_vocabulary_doubles(target):
     one, two = _cell(target, FLAT_HEAD), _cell(target, FLAT_HEAD + "-2v")
     added = HEADS[FLAT_HEAD + "-2v"][1] - HEADS[FLAT_HEAD][1]

@@ -484,6 +484,40 @@ def test_each_kernel_family_serves_the_backend_contract(family_name):
     np.testing.assert_array_equal(np.asarray(dx)[~np.asarray(ok)], 0.0)
 
 
+@pytest.mark.x64
+@pytest.mark.parametrize("family_name", ["tpu", "gpu"])
+def test_each_kernel_family_takes_a_temperature_and_keeps_the_moments(family_name):
+    """The contract with a ``LogitMap`` (soft-cap and temperature), the moments of the
+    forward statistics and a ``spread`` coefficient (``linear_log_probs``), interpreted."""
+    from softjax._vocab import pallas, pallas_gpu, pallas_tpu
+    from softjax._vocab.blocks import BlockSizes
+
+    family = {"tpu": pallas_tpu, "gpu": pallas_gpu}[family_name]
+    blocks = BlockSizes(*FAMILY_BLOCKS[family_name], chunk_n=16, chunk_v=128)
+    n, d, v = 37, 40, 300
+    x, w, y, ok, coefs, _, _, _, _ = _backend_inputs(n, d, v)
+    lmap = chunked.LogitMap(jnp.asarray(3.0, F32), jnp.asarray(1 / 0.7, F32))
+    got, got_mo = pallas.forward_stats(
+        x, w, None, lmap, smoothing=False, moments=True, family=family, blocks=blocks
+    )
+    want, want_mo = chunked.forward_stats(
+        x, w, None, lmap, block_v=64, smoothing=False, moments=True
+    )
+    lse = lambda st: st.m + jnp.log1p(st.rest + st.rest_c)  # noqa: E731
+    np.testing.assert_allclose(lse(got), lse(want), rtol=slack("bf16_grad", F32))
+    for a, b in zip(got_mo, want_mo, strict=True):
+        np.testing.assert_allclose(a, b, rtol=slack("two_paths", F32))
+    assert np.all(np.asarray(want_mo.s1) > 0)  # the moments are not all zero
+    coefs = coefs._replace(spread=jax.random.normal(jax.random.key(4), (n,), F32))
+    args = (x, w, y, ok, coefs, want.m, jnp.log1p(want.rest + want.rest_c), None, lmap)
+    dx, dw = pallas.backward(*args, dx_dtype=F32, family=family, blocks=blocks)
+    rdx, rdw = chunked.backward(*args, block_v=64, block_n=10)
+    assert_close(dx, rdx, rtol=slack("two_paths", F32))
+    assert_close(dw, rdw, rtol=slack("two_paths", F32))
+    no_spread = chunked.backward(*args[:4], coefs._replace(spread=None), *args[5:], block_v=64)
+    assert not np.allclose(no_spread[0], rdx)  # the spread term is there and matters
+
+
 def _exported(platforms, n=512, d=320, v=5000):
     args = (
         jax.ShapeDtypeStruct((n, d), BF16),

@@ -36,8 +36,9 @@ from . import chunked, pallas
 
 
 class Streaming(NamedTuple):
-    """A streaming backend: ``forward_stats(cfg, x, w, class_weight, cap) -> Stats`` and
-    ``backward(cfg, *args) -> (dx, dw)`` (the contract in the module docstring)."""
+    """A streaming backend: ``forward_stats(cfg, x, w, class_weight, cap, moments=False) ->
+    Stats`` (``(Stats, Moments)`` with ``moments``) and ``backward(cfg, *args) -> (dx, dw)``
+    (the contract in the module docstring; ``cap`` may be a ``chunked.LogitMap``)."""
 
     forward_stats: Callable
     backward: Callable
@@ -53,9 +54,9 @@ class Config(NamedTuple):
     smoothing: bool  # accumulate the smoothing sum (False when label_smoothing is a literal 0)
 
 
-def _chunked_stats(cfg: Config, x, w, class_weight, cap) -> chunked.Stats:
+def _chunked_stats(cfg: Config, x, w, class_weight, cap, moments=False):
     return chunked.forward_stats(
-        x, w, class_weight, cap, block_v=cfg.block_v, smoothing=cfg.smoothing
+        x, w, class_weight, cap, block_v=cfg.block_v, smoothing=cfg.smoothing, moments=moments
     )
 
 
@@ -63,8 +64,8 @@ def _chunked_backward(cfg: Config, *args):
     return chunked.backward(*args, block_v=cfg.block_v)
 
 
-def _pallas_stats(cfg: Config, x, w, class_weight, cap) -> chunked.Stats:
-    return pallas.forward_stats(x, w, class_weight, cap, smoothing=cfg.smoothing)
+def _pallas_stats(cfg: Config, x, w, class_weight, cap, moments=False):
+    return pallas.forward_stats(x, w, class_weight, cap, smoothing=cfg.smoothing, moments=moments)
 
 
 def _pallas_backward(cfg: Config, *args):

@@ -85,6 +85,16 @@ class LogitMap(NamedTuple):
     scale: jax.Array | None
 
 
+def map_parts(cap):
+    """``(softcap, scale)`` of a soft-cap or a :class:`LogitMap` (either may be None)."""
+    return (cap.cap, cap.scale) if isinstance(cap, LogitMap) else (cap, None)
+
+
+def join_map(cap, scale):
+    """The map of :func:`map_parts`' parts: the soft-cap alone when there is no scale."""
+    return cap if scale is None else LogitMap(cap, scale)
+
+
 def map_logits(raw, cap):
     """The logits ``z`` of raw logits ``x @ w.T``: soft-capped, then a :class:`LogitMap`'s scale."""
     if not isinstance(cap, LogitMap):

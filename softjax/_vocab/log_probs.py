@@ -6,14 +6,15 @@ With ``z = softcap(x w^T) / T`` (``[N, V]``, never materialised on the streaming
 
 Without a temperature or the entropy, ``log p(y)`` is minus the per-row cross-entropy, so
 every backend of ``linear_cross_entropy`` serves it as is (``api.row_losses``: the Pallas
-kernels, the vocab-parallel merge). With them, the streaming pass also keeps two moments of
-the logits below the running maximum ``m`` (``chunked.Moments``)::
+kernels, the vocab-parallel merge). With them, the streaming pass (``chunked.forward_stats``
+or the Pallas forward kernel) also keeps two moments of the logits below the running
+maximum ``m`` (``chunked.Moments``)::
 
     s1 = sum_c e^(z_c - m) (m - z_c),   s2 = sum_c e^(z_c - m) (m - z_c)^2,   S0 = e^(lse - m)
     H = log S0 + s1 / S0,               Var_p(z) = s2 / S0 - (s1 / S0)^2
 
 and the custom VJP recomputes each block of logits into its gradient block
-(``chunked.backward``) with::
+(``chunked.backward``, or the Pallas kernels' ``pallas.backward``) with::
 
     d/dz_c [g log p_y + h H] = g ([c = y] - p_c) + h p_c ((m - z_c) - s1 / S0)
     d/dT                     = -(g (log p_y + H) - h Var_p(z)) / T
@@ -55,9 +56,7 @@ def _tempered(x, w, labels, valid, scale, cap, cfg: api.Config):
 def _tempered_fwd(x, w, labels, valid, scale, cap, cfg: api.Config):
     axis, v_local = cfg.axis_name, w.shape[0]
     lmap = chunked.LogitMap(cap, scale)
-    st, mo = chunked.forward_stats(
-        x, w, None, lmap, block_v=cfg.block_v, smoothing=False, moments=True
-    )
+    st, mo = cfg.stream.forward_stats(cfg, x, w, None, lmap, moments=True)
     merged = api._merge_shards(st, jnp.asarray(v_local, st.m.dtype), axis)
     mo = _merge_moments(st, mo, merged.m, axis)
     local, here = api._local_labels(labels, v_local, axis)
@@ -81,9 +80,7 @@ def _tempered_bwd(cfg: api.Config, res, cts):
     local, _ = api._local_labels(labels, w.shape[0], cfg.axis_name)
     lmap = chunked.LogitMap(cap, scale)
     shift = nx.empty_row_shift(m)
-    dx, dw = chunked.backward(
-        x, w, local, valid, coefs, shift, log_norm, None, lmap, block_v=cfg.block_v
-    )
+    dx, dw = cfg.stream.backward(cfg, x, w, local, valid, coefs, shift, log_norm, None, lmap)
     dx, dw = _sharding.sum_to_type(dx, x), _sharding.sum_to_type(dw, w)
     # sum_c dL/dz_c * z_c = g (log p_y + H) - h Var_p(z), and z is linear in the scale.
     terms = jnp.where(valid, g * (log_p + entropy) - h * var, 0.0)
@@ -96,7 +93,7 @@ _tempered.defvjp(_tempered_fwd, _tempered_bwd)
 
 
 def _plain(x, w, labels, valid, scale, cap, cfg: api.Config, entropy: bool):
-    """Minus the per-row cross-entropy (every streaming backend, ``cfg.stream``)."""
+    """Minus the per-row cross-entropy (the streaming backend ``cfg.stream``)."""
     del scale, entropy
     zero = jnp.zeros((), nx.compute_dtype(x.dtype))
     opts = _losses.Options(smoothing=zero, z_loss=zero, softcap=cap)
@@ -104,16 +101,22 @@ def _plain(x, w, labels, valid, scale, cap, cfg: api.Config, entropy: bool):
     return -losses, None
 
 
-def _chunked(x, w, labels, valid, scale, cap, cfg: api.Config, entropy: bool):
+def _streamed(x, w, labels, valid, scale, cap, cfg: api.Config, entropy: bool):
+    """Minus the row loss without a temperature or the entropy, else :func:`_tempered`, on
+    the streaming backend ``cfg.stream``."""
     if scale is None and not entropy:
-        return _plain(x, w, labels, valid, scale, cap, cfg._replace(stream=api.CHUNKED), entropy)
+        return _plain(x, w, labels, valid, scale, cap, cfg, entropy)
     scale = jnp.ones((), nx.compute_dtype(x.dtype)) if scale is None else scale
     log_p, ent = _tempered(x, w, labels, valid, scale, cap, cfg)
     return log_p, ent if entropy else None
 
 
-def _pallas(x, w, labels, valid, scale, cap, cfg: api.Config, entropy: bool):
-    return _plain(x, w, labels, valid, scale, cap, cfg._replace(stream=api.PALLAS), entropy)
+def _chunked(*args):
+    return _streamed(*args[:6], args[6]._replace(stream=api.CHUNKED), args[7])
+
+
+def _pallas(*args):
+    return _streamed(*args[:6], args[6]._replace(stream=api.PALLAS), args[7])
 
 
 def _materialized(x, w, labels, valid, scale, cap, cfg: api.Config, entropy: bool):
@@ -137,10 +140,6 @@ def _materialized(x, w, labels, valid, scale, cap, cfg: api.Config, entropy: boo
 
 
 def _pallas_unsupported(call: _dispatch.Call) -> str | None:
-    if call.options["temperature"]:
-        return "the kernels take no temperature yet; use implementation='chunked'"
-    if call.options["return_entropy"]:
-        return "the kernels compute no entropy yet; use implementation='chunked'"
     return pallas.unsupported(call.dtypes["w"], call.shapes["w"][0])
 
 
@@ -207,9 +206,9 @@ def linear_log_probs(
       return_entropy: also return the entropy ``H`` of each position's distribution.
       vocab_axis_name: the ``shard_map`` mesh axis ``w`` is sharded over along ``V``.
       implementation: "chunked" (streaming, any backend; the default), "pallas" (the
-        kernels of :func:`linear_cross_entropy`; not with a temperature other than a
-        literal 1 or with ``return_entropy``: ``NotImplementedError``), "xla"
-        (materialises the float32 logits; small vocabularies, references) or None.
+        kernels of :func:`linear_cross_entropy`, which also take the temperature and keep
+        the moments; not float64), "xla" (materialises the float32 logits; small
+        vocabularies, references) or None.
 
     Returns:
       float32 (float64 for float64 inputs) ``log p`` of ``labels``' shape, and with

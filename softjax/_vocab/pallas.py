@@ -77,22 +77,26 @@ def _per_platform(fn_name: str, *args, **kw):
     return match_vma(out, *args)
 
 
-def forward_stats(x, w, class_weight, cap, *, smoothing: bool, family=None, blocks=None):
-    """Per-row :class:`chunked.Stats` (``[N]``) of ``softcap(x @ w.T)`` over ``w``'s rows.
+def forward_stats(
+    x, w, class_weight, cap, *, smoothing: bool, moments=False, family=None, blocks=None
+):
+    """Per-row :class:`chunked.Stats` (``[N]``) of ``softcap(x @ w.T)`` over ``w``'s rows
+    (``cap`` a soft-cap or a :class:`chunked.LogitMap`), and with ``moments`` the
+    :class:`chunked.Moments` too, as ``chunked.forward_stats``.
 
     ``family`` (a kernel module) and ``blocks`` pin one family and its blocks (tests; the
     family runs interpreted): by default the platform's family with its own blocks.
     """
+    kw = dict(smoothing=smoothing, moments=moments)
     if family is not None:
-        return family.forward_stats(
-            x, w, class_weight, cap, blocks=blocks, smoothing=smoothing, interpret=True
-        )
-    return _per_platform("forward_stats", x, w, class_weight, cap, smoothing=smoothing)
+        return family.forward_stats(x, w, class_weight, cap, blocks=blocks, interpret=True, **kw)
+    return _per_platform("forward_stats", x, w, class_weight, cap, **kw)
 
 
 def row_data(row_ok, coefs, shift, log_norm, labels):
     """The per-row inputs of the gradient kernels, ``[8, N]`` float32: the rows
-    ``(ok, prob, target, smooth, shift, log_norm, label, 0)``.
+    ``(ok, prob, target, smooth, shift, log_norm, label, spread)`` (``spread`` 0 when
+    ``coefs.spread`` is None).
 
     Tokens along the minor axis because a TPU pads an array's minor dimension to 128 lanes:
     ``[N, 8]`` (or a ``[N, 1]`` array per column) would cost ``N * 512`` bytes of HBM,
@@ -102,7 +106,7 @@ def row_data(row_ok, coefs, shift, log_norm, labels):
     :func:`unsupported` keeps ``V`` below ``2**24``.
     """
     cols = (row_ok, coefs.prob, coefs.target, coefs.smooth, shift, log_norm, labels)
-    cols += (jnp.zeros_like(shift),)
+    cols += (jnp.zeros_like(shift) if coefs.spread is None else coefs.spread,)
     return jnp.stack([c.astype(jnp.float32) for c in cols], axis=0)
 
 
@@ -138,7 +142,8 @@ def backward(
     """``dx`` (``dx_dtype``, default ``x.dtype``; summed over this ``w``) and ``dw``
     (``w.dtype``), each accumulated in float32 and cast once (see the module docstring).
 
-    Arguments as ``chunked.backward``; ``family``/``blocks`` as :func:`forward_stats`.
+    Arguments as ``chunked.backward`` (``cap`` a soft-cap or a :class:`chunked.LogitMap`,
+    ``coefs`` with or without a ``spread``); ``family``/``blocks`` as :func:`forward_stats`.
     """
     n, dim = x.shape
     v = w.shape[0]
@@ -146,10 +151,12 @@ def backward(
     rows = row_data(row_ok, coefs, shift, log_norm, labels)
     cw = jnp.ones((v,), jnp.float32) if class_weight is None else class_weight
 
+    spread = coefs.spread is not None
+
     def grads(*chunk):
         if family is not None:
-            return family.logit_grads(*chunk, cap, blocks=blocks, interpret=True)
-        return _per_platform("logit_grads", *chunk, cap)
+            return family.logit_grads(*chunk, cap, blocks=blocks, interpret=True, spread=spread)
+        return _per_platform("logit_grads", *chunk, cap, spread=spread)
 
     def dx_rows_chunk(i, dx):
         r, _ = _blocks.clamped(i, dx_rows, n)

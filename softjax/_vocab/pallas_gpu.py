@@ -84,6 +84,20 @@ def _call(kernel, grid, out_shape, name, args, interpret):
     )(*args)
 
 
+def _map_operands(cap):
+    """The soft-cap and the scale of a :class:`chunked.LogitMap` (or a soft-cap alone) as
+    ``[1, 1]`` operands, each present only when set, and ``(has_cap, has_scale)``."""
+    parts = chunked.map_parts(cap)
+    ops = [jnp.reshape(jnp.asarray(a, jnp.float32), (1, 1)) for a in parts if a is not None]
+    return ops, tuple(a is not None for a in parts)
+
+
+def _read_map(refs, has):
+    """The kernel's logit map from the refs of :func:`_map_operands` (popped from ``refs``)."""
+    cap, scale = (refs.pop(0)[...] if h else None for h in has)
+    return chunked.join_map(cap, scale)
+
+
 def _clamped(k, b, total):
     """Start of block ``k`` clamped to ``total - b``, and the mask of its own (new) part."""
     start = jnp.minimum(k * b, total - b)
@@ -102,35 +116,45 @@ def _logits(x_ref, w_ref, r0, s, *, bn, bv, bd, dim):
     return lax.fori_loop(0, pl.cdiv(dim, bd), step, jnp.zeros((bn, bv), jnp.float32))
 
 
-def _fwd_kernel(*refs, n, dim, num_classes, bn, bv, bd, smoothing, has_cap):
+def _fwd_kernel(*refs, n, dim, num_classes, bn, bv, bd, smoothing, has_map, moments):
     x_ref, w_ref, cw_ref, *refs = refs
-    cap = refs.pop(0)[...] if has_cap else None
+    lmap = _read_map(refs, has_map)
     r0 = jnp.minimum(pl.program_id(0) * bn, n - bn)
     v = w_ref.shape[0]
 
     def body(j, carry):
-        st, ws = carry
+        st, mo, ws = carry
         s, new = _clamped(j, bv, v)
         col_ok = new & (s + lax.broadcasted_iota(jnp.int32, (1, bv), 1) < num_classes)
         cw = cw_ref[:, pl.ds(s, bv)]
-        z = nx.softcap(_logits(x_ref, w_ref, r0, s, bn=bn, bv=bv, bd=bd, dim=dim), cap)
-        st = chunked.merge_block(st, z, col_ok, cw, ws, smoothing)
-        return st, ws + jnp.sum(jnp.where(col_ok, cw, 0.0), axis=-1, keepdims=True)
+        raw = _logits(x_ref, w_ref, r0, s, bn=bn, bv=bv, bd=bd, dim=dim)
+        z = chunked.map_logits(raw, lmap)
+        new_st = chunked.merge_block(st, z, col_ok, cw, ws, smoothing)
+        if moments:
+            mo = chunked.merge_moments(mo, st.m, new_st.m, 1 + st.rest + st.rest_c, z, col_ok)
+        return new_st, mo, ws + jnp.sum(jnp.where(col_ok, cw, 0.0), axis=-1, keepdims=True)
 
-    init = (chunked.init_stats(bn, jnp.float32), jnp.zeros((bn, 1), jnp.float32))
-    st, _ = lax.fori_loop(0, pl.cdiv(v, bv), body, init)
-    for ref, a in zip(refs, st, strict=True):
+    zeros = jnp.zeros((bn, 1), jnp.float32)
+    mo = chunked.Moments(zeros, zeros) if moments else ()
+    st, mo, _ = lax.fori_loop(
+        0, pl.cdiv(v, bv), body, (chunked.init_stats(bn, jnp.float32), mo, zeros)
+    )
+    for ref, a in zip(refs, (*st, *mo), strict=True):
         ref[pl.ds(r0, bn), :] = a
 
 
-def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: bool, interpret):
-    """Per-row :class:`chunked.Stats` (``[N]`` each) of ``softcap(x @ w.T)``."""
+def forward_stats(
+    x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: bool, interpret, moments=False
+):
+    """Per-row :class:`chunked.Stats` (``[N]`` each) of ``softcap(x @ w.T)`` (``cap`` a
+    soft-cap or a :class:`chunked.LogitMap`), and with ``moments`` the
+    :class:`chunked.Moments` too."""
     n, v = x.shape[0], w.shape[0]
     x, w, cw = _pad_small(x, w, class_weight)
     (np_, dim), vp = x.shape, w.shape[0]
     bn, bv = _pow2_at_most(np_, blocks.block_n), _pow2_at_most(vp, blocks.block_v)
     bd = _pow2_at_most(dim, blocks.block_d)
-    has_cap = cap is not None
+    map_ops, has_map = _map_operands(cap)
     kernel = functools.partial(
         _fwd_kernel,
         n=np_,
@@ -140,41 +164,45 @@ def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: boo
         bv=bv,
         bd=bd,
         smoothing=smoothing,
-        has_cap=has_cap,
+        has_map=has_map,
+        moments=moments,
     )
-    args = [x, w, cw] + ([jnp.reshape(jnp.asarray(cap, jnp.float32), (1, 1))] if has_cap else [])
     outs = _call(
         kernel,
         (pl.cdiv(np_, bn),),
-        [jax.ShapeDtypeStruct((np_, 1), jnp.float32)] * 4,
+        [jax.ShapeDtypeStruct((np_, 1), jnp.float32)] * (6 if moments else 4),
         "softjax_lce_fwd",
-        args,
+        [x, w, cw, *map_ops],
         interpret,
     )
-    return chunked.Stats(*(a[:n, 0] for a in outs))
+    outs = [a[:n, 0] for a in outs]
+    st = chunked.Stats(*outs[:4])
+    return (st, chunked.Moments(*outs[4:])) if moments else st
 
 
-def _grad_kernel(*refs, n, dim, bn, bv, bd, has_cap):
+def _grad_kernel(*refs, n, dim, bn, bv, bd, has_map, spread):
     x_ref, w_ref, cw_ref, keep_ref, rows_ref, *refs = refs
-    cap = refs.pop(0)[...] if has_cap else None
+    lmap = _read_map(refs, has_map)
     (dz_ref,) = refs
     r0 = jnp.minimum(pl.program_id(0) * bn, n - bn)
     s = jnp.minimum(pl.program_id(1) * bv, w_ref.shape[0] - bv)
     raw = _logits(x_ref, w_ref, r0, s, bn=bn, bv=bv, bd=bd, dim=dim)
-    ok, prob, target, smooth, shift, log_norm, label = (
-        rows_ref[pl.ds(r0, bn), pl.ds(c, 1)] for c in range(7)
+    ok, prob, target, smooth, shift, log_norm, label, spr = (
+        rows_ref[pl.ds(r0, bn), pl.ds(c, 1)] for c in range(8)
     )
     cols = s + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
     stats = _losses.RowStats(shift, log_norm)
-    coefs = _losses.GradCoefs(prob, target, smooth)
+    coefs = _losses.GradCoefs(prob, target, smooth, spr if spread else None)
     cw = cw_ref[:, pl.ds(s, bv)]
-    dz = chunked.block_grads(raw, cap, cols == label.astype(jnp.int32), stats, coefs, cw)
+    dz = chunked.block_grads(raw, lmap, cols == label.astype(jnp.int32), stats, coefs, cw)
     # Blocks that overlap (clamped starts) write identical values there.
     keep = (ok > 0) & (keep_ref[:, pl.ds(s, bv)] > 0)
     dz_ref[pl.ds(r0, bn), pl.ds(s, bv)] = jnp.where(keep, dz, 0.0).astype(dz_ref.dtype)
 
 
-def logit_grads(x, w, class_weight, keep, rows, cap, *, blocks: BlockSizes, interpret):
+def logit_grads(
+    x, w, class_weight, keep, rows, cap, *, blocks: BlockSizes, interpret, spread=False
+):
     """``dz = d loss / d (x @ w.T)`` ``[N, V]`` in ``x.dtype`` (see ``pallas_tpu``)."""
     n, v = x.shape[0], w.shape[0]
     x, w, cw = _pad_small(x, w, class_weight)
@@ -183,10 +211,11 @@ def logit_grads(x, w, class_weight, keep, rows, cap, *, blocks: BlockSizes, inte
     (np_, dim), vp = x.shape, w.shape[0]
     bn, bv = _pow2_at_most(np_, blocks.block_n), _pow2_at_most(vp, blocks.block_v)
     bd = _pow2_at_most(dim, blocks.block_d)
-    has_cap = cap is not None
-    kernel = functools.partial(_grad_kernel, n=np_, dim=dim, bn=bn, bv=bv, bd=bd, has_cap=has_cap)
-    args = [x, w, cw, keep, rows]
-    args += [jnp.reshape(jnp.asarray(cap, jnp.float32), (1, 1))] if has_cap else []
+    map_ops, has_map = _map_operands(cap)
+    kernel = functools.partial(
+        _grad_kernel, n=np_, dim=dim, bn=bn, bv=bv, bd=bd, has_map=has_map, spread=spread
+    )
+    args = [x, w, cw, keep, rows, *map_ops]
     dz = _call(
         kernel,
         (pl.cdiv(np_, bn), pl.cdiv(vp, bv)),

@@ -97,9 +97,20 @@ def _class_weights(class_weight, v):
     return class_weight.astype(jnp.float32).reshape(1, v)
 
 
-def _cap_operand(cap):
-    """The softcap as a ``[1, 1]`` operand (it may be traced), or nothing."""
-    return [] if cap is None else [jnp.reshape(jnp.asarray(cap, jnp.float32), (1, 1))]
+def _map_operands(cap):
+    """The soft-cap and the scale of a :class:`chunked.LogitMap` (or a soft-cap alone) as
+    ``[1, 1]`` operands (they may be traced), each present only when set; their specs;
+    ``(has_cap, has_scale)``."""
+    parts = chunked.map_parts(cap)
+    ops = [jnp.reshape(jnp.asarray(a, jnp.float32), (1, 1)) for a in parts if a is not None]
+    specs = [pl.BlockSpec((1, 1), lambda i, j, k: (0, 0))] * len(ops)
+    return ops, specs, tuple(a is not None for a in parts)
+
+
+def _read_map(refs, has):
+    """The kernel's logit map from the refs of :func:`_map_operands` (popped from ``refs``)."""
+    cap, scale = (refs.pop(0)[...] if h else None for h in has)
+    return chunked.join_map(cap, scale)
 
 
 def _columns(j, bv, num_classes):
@@ -111,9 +122,9 @@ def _columns(j, bv, num_classes):
 # Forward: per-row statistics
 
 
-def _fwd_kernel(*refs, dim, num_classes, bv, bd, smoothing, has_cap):
+def _fwd_kernel(*refs, dim, num_classes, bv, bd, smoothing, has_map, moments):
     x_ref, w_ref, cw_ref, *refs = refs
-    cap = refs.pop(0)[...] if has_cap else None
+    lmap = _read_map(refs, has_map)
     out_ref, acc_ref, *stat_refs = refs
     j, nj = pl.program_id(1), pl.num_programs(1)
     k, nk = pl.program_id(2), pl.num_programs(2)
@@ -128,14 +139,18 @@ def _fwd_kernel(*refs, dim, num_classes, bv, bd, smoothing, has_cap):
 
     @pl.when(k == nk - 1)
     def _():
-        m_ref, r_ref, rc_ref, d_ref, ws_ref = stat_refs
+        m_ref, r_ref, rc_ref, d_ref, ws_ref, *mo_refs = stat_refs
         _, col_ok = _columns(j, bv, num_classes)
         cw = cw_ref[...]
-        st = chunked.Stats(m_ref[...], r_ref[...], rc_ref[...], d_ref[...])
-        st = chunked.merge_block(
-            st, nx.softcap(acc_ref[...], cap), col_ok, cw, ws_ref[...], smoothing
-        )
+        old = chunked.Stats(m_ref[...], r_ref[...], rc_ref[...], d_ref[...])
+        z = chunked.map_logits(acc_ref[...], lmap)
+        st = chunked.merge_block(old, z, col_ok, cw, ws_ref[...], smoothing)
         m_ref[...], r_ref[...], rc_ref[...], d_ref[...] = st
+        if moments:
+            mo = chunked.Moments(mo_refs[0][...], mo_refs[1][...])
+            total = 1 + old.rest + old.rest_c
+            mo = chunked.merge_moments(mo, old.m, st.m, total, z, col_ok)
+            mo_refs[0][...], mo_refs[1][...] = mo
         ws_ref[...] += jnp.sum(jnp.where(col_ok, cw, 0.0), axis=-1, keepdims=True)
 
     @pl.when((k == nk - 1) & (j == nj - 1))
@@ -148,8 +163,12 @@ def _fwd_kernel(*refs, dim, num_classes, bv, bd, smoothing, has_cap):
         out_ref[...] = cols.T
 
 
-def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: bool, interpret):
-    """Per-row :class:`chunked.Stats` (``[N]`` each) of ``softcap(x @ w.T)``.
+def forward_stats(
+    x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: bool, interpret, moments=False
+):
+    """Per-row :class:`chunked.Stats` (``[N]`` each) of ``softcap(x @ w.T)`` (``cap`` a
+    soft-cap or a :class:`chunked.LogitMap`), and with ``moments`` the
+    :class:`chunked.Moments` too (rows 5 and 6 of the kernel's ``[8, N]`` output).
 
     x ``[N, D]``, w ``[V, D]`` (same dtype), class_weight ``[V]`` or None.
     """
@@ -157,33 +176,35 @@ def forward_stats(x, w, class_weight, cap, *, blocks: BlockSizes, smoothing: boo
     v = w.shape[0]
     bn, bv, bd = _tiles(n, v, dim, blocks, interpret)
     grid = (pl.cdiv(n, bn), pl.cdiv(v, bv), pl.cdiv(dim, bd))
-    has_cap = cap is not None
-    in_specs = _operand_specs(bn, bv, bd)
-    in_specs += [pl.BlockSpec((1, 1), lambda i, j, k: (0, 0))] if has_cap else []
+    map_ops, map_specs, has_map = _map_operands(cap)
+    in_specs = _operand_specs(bn, bv, bd) + map_specs
     kernel = functools.partial(
-        _fwd_kernel, dim=dim, num_classes=v, bv=bv, bd=bd, smoothing=smoothing, has_cap=has_cap
-    )
+        _fwd_kernel, dim=dim, num_classes=v, bv=bv, bd=bd, smoothing=smoothing,
+        has_map=has_map, moments=moments,
+    )  # fmt: skip
     out = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=pl.BlockSpec((8, bn), lambda i, j, k: (0, i)),
         out_shape=jax.ShapeDtypeStruct((8, n), jnp.float32),
-        scratch_shapes=[_vmem((bn, bv), jnp.float32)] + [_vmem((bn, 1), jnp.float32)] * 5,
+        scratch_shapes=[_vmem((bn, bv), jnp.float32)]
+        + [_vmem((bn, 1), jnp.float32)] * (7 if moments else 5),
         compiler_params=_compiler_params(interpret, "parallel", "arbitrary", "arbitrary"),
         interpret=interpret,
         name="softjax_lce_fwd",
-    )(x, w, _class_weights(class_weight, v), *_cap_operand(cap))
-    return chunked.Stats(*out[:4])
+    )(x, w, _class_weights(class_weight, v), *map_ops)
+    st = chunked.Stats(*out[:4])
+    return (st, chunked.Moments(out[5], out[6])) if moments else st
 
 
 # ---------------------------------------------------------------------------------------
 # Backward: gradient blocks of the logits
 
 
-def _grad_kernel(*refs, dim, n, num_classes, bn, bv, bd, has_cap):
+def _grad_kernel(*refs, dim, n, num_classes, bn, bv, bd, has_map, spread):
     x_ref, w_ref, cw_ref, keep_ref, rows_ref, *refs = refs
-    cap = refs.pop(0)[...] if has_cap else None
+    lmap = _read_map(refs, has_map)
     dz_ref, acc_ref = refs
     # Program ids are read here, outside `pl.when` (interpret mode substitutes them only at
     # the top level of the kernel).
@@ -195,37 +216,41 @@ def _grad_kernel(*refs, dim, n, num_classes, bn, bv, bd, has_cap):
         cols, col_ok = _columns(j, bv, num_classes)
         rows = i * bn + lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
         cols_of_rows = rows_ref[...].T  # [bn, 8]
-        ok, prob, target, smooth, shift, log_norm, label = (
-            cols_of_rows[:, c : c + 1] for c in range(7)
+        ok, prob, target, smooth, shift, log_norm, label, spr = (
+            cols_of_rows[:, c : c + 1] for c in range(8)
         )
         stats = _losses.RowStats(shift, log_norm)
-        coefs = _losses.GradCoefs(prob, target, smooth)
+        coefs = _losses.GradCoefs(prob, target, smooth, spr if spread else None)
         is_target = cols == label.astype(jnp.int32)
-        dz = chunked.block_grads(acc_ref[...], cap, is_target, stats, coefs, cw_ref[...])
+        dz = chunked.block_grads(acc_ref[...], lmap, is_target, stats, coefs, cw_ref[...])
         keep = col_ok & (keep_ref[...] > 0) & (rows < n) & (ok > 0)
         dz_ref[...] = jnp.where(keep, dz, 0.0).astype(dz_ref.dtype)
 
 
-def logit_grads(x, w, class_weight, keep, rows, cap, *, blocks: BlockSizes, interpret):
+def logit_grads(
+    x, w, class_weight, keep, rows, cap, *, blocks: BlockSizes, interpret, spread=False
+):
     """``dz = d loss / d (x @ w.T)`` ``[N, V]`` in ``x.dtype``, zero on excluded rows.
 
     ``keep`` ``[V]`` float32: columns where it is 0 get a zero gradient (the classes a
     previous chunk covered). ``rows`` ``[8, N]`` float32 are the per-row
-    ``(ok, prob, target, smooth, shift, log_norm, label, 0)`` of ``pallas.row_data``, the
-    label indexing ``w``'s rows.
+    ``(ok, prob, target, smooth, shift, log_norm, label, spread)`` of ``pallas.row_data``,
+    the label indexing ``w``'s rows; the spread coefficient is read only with ``spread``.
+    ``cap`` is a soft-cap or a :class:`chunked.LogitMap`.
     """
     n, dim = x.shape
     v = w.shape[0]
     bn, bv, bd = _tiles(n, v, dim, blocks, interpret)
-    has_cap = cap is not None
+    map_ops, map_specs, has_map = _map_operands(cap)
     in_specs = _operand_specs(bn, bv, bd) + [
         pl.BlockSpec((1, bv), lambda i, j, k: (0, j)),
         pl.BlockSpec((8, bn), lambda i, j, k: (0, i)),
     ]
-    in_specs += [pl.BlockSpec((1, 1), lambda i, j, k: (0, 0))] if has_cap else []
+    in_specs += map_specs
     kernel = functools.partial(
-        _grad_kernel, dim=dim, n=n, num_classes=v, bn=bn, bv=bv, bd=bd, has_cap=has_cap
-    )
+        _grad_kernel, dim=dim, n=n, num_classes=v, bn=bn, bv=bv, bd=bd, has_map=has_map,
+        spread=spread,
+    )  # fmt: skip
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bn), pl.cdiv(v, bv), pl.cdiv(dim, bd)),
@@ -236,4 +261,4 @@ def logit_grads(x, w, class_weight, keep, rows, cap, *, blocks: BlockSizes, inte
         compiler_params=_compiler_params(interpret, "parallel", "parallel", "arbitrary"),
         interpret=interpret,
         name="softjax_lce_grad",
-    )(x, w, _class_weights(class_weight, v), keep.reshape(1, v), rows, *_cap_operand(cap))
+    )(x, w, _class_weights(class_weight, v), keep.reshape(1, v), rows, *map_ops)
