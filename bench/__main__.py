@@ -64,6 +64,7 @@ COLUMNS = {
     "peer_HBM_GiB": "peer HBM bytes, GiB (compiled for a target: exact, nothing run)",
     "softjax_err": "softjax max error against float64 (ulp of the output dtype, or relative)",
     "peer_err": "peer max error against float64, same unit",
+    "grad_err": "relative error of softjax's gradient against the exact one (an estimator's)",
 }
 
 
