@@ -1,4 +1,5 @@
-"""cross_entropy and binary_cross_entropy beside optax (and torch when installed)."""
+"""cross_entropy and binary_cross_entropy beside optax (and torch when installed); nll_loss,
+kl_divergence and log_sigmoid beside their jax peers."""
 
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def run(args) -> list[dict]:
         x = jnp.asarray(x32).astype(dtype)
         x64 = np.asarray(x.astype(jnp.float32), np.float64)
         t = jnp.asarray(t32).astype(dtype)
+        # x read as log-probabilities (nll_loss, kl_divergence do not normalise), targets p.
+        p = jax.nn.softmax(jnp.asarray(x32) / 2)
+        p64 = np.asarray(p, np.float64)
         pairs = [
             (
                 "cross_entropy",
@@ -89,6 +93,32 @@ def run(args) -> list[dict]:
                 lambda x, t=t: sj.binary_cross_entropy(x, t),
                 lambda x, t=t: optax.sigmoid_binary_cross_entropy(x, t).mean(),
                 bce_reference(x64, t32.astype(np.float64)),
+            ),
+        ]
+        pairs += [
+            (
+                "nll_loss",
+                size,
+                "jnp gather mean",
+                lambda x: sj.nll_loss(x, labels),
+                lambda x: -jnp.mean(jnp.take_along_axis(x, labels[:, None], -1)),
+                float(-x64[np.arange(shape[0]), np.asarray(labels)].mean()),
+            ),
+            (
+                "kl_divergence",
+                f"{size} batchmean",
+                "optax kl_divergence",
+                lambda x: sj.kl_divergence(x, p, reduction="batchmean"),
+                lambda x: optax.kl_divergence(x, p).mean(),
+                float((p64 * (np.log(p64) - x64)).sum() / shape[0]),
+            ),
+            (
+                "log_sigmoid",
+                f"{size} sum",
+                "jax.nn",
+                lambda x: jnp.sum(sj.log_sigmoid(x).astype(jnp.float32)),
+                lambda x: jnp.sum(jax.nn.log_sigmoid(x).astype(jnp.float32)),
+                float(-np.logaddexp(0, -x64).sum()),
             ),
         ]
         for op, case, peer, ours, theirs, ref in pairs:

@@ -4,8 +4,13 @@ from importlib import metadata as _metadata
 
 from . import calibration as calibration
 from ._attention import dot_product_attention as dot_product_attention
+from ._log_prob_losses import kl_divergence as kl_divergence
+from ._log_prob_losses import log_sigmoid as log_sigmoid
+from ._log_prob_losses import nll_loss as nll_loss
 from ._losses import binary_cross_entropy as binary_cross_entropy
 from ._losses import cross_entropy as cross_entropy
+from ._reweighted_losses import poly_loss as poly_loss
+from ._reweighted_losses import sigmoid_focal_loss as sigmoid_focal_loss
 from ._softmax import log_softmax as log_softmax
 from ._softmax import logsumexp as logsumexp
 from ._softmax import softmax as softmax
@@ -38,13 +43,18 @@ __all__ = [
     "cross_entropy",
     "dot_product_attention",
     "entmax15",
+    "kl_divergence",
     "linear_cross_entropy",
     "linear_kl_divergence",
     "linear_log_probs",
+    "log_sigmoid",
     "log_softmax",
     "logsumexp",
+    "nll_loss",
+    "poly_loss",
     "sample",
     "sampled_softmax_cross_entropy",
+    "sigmoid_focal_loss",
     "softmax",
     "sparsemax",
 ]

@@ -494,8 +494,9 @@ def binary_cross_entropy(
 
         ℓ = -w · [ p_w · t · log σ(x) + (1 - t) · log σ(-x) ]
 
-    with ``t`` smoothed to ``t * (1 - a) + a / 2``. ``log σ`` is evaluated stably
-    (``-softplus(-x)``), so large logits neither overflow nor lose the small loss.
+    with ``t`` smoothed to ``t * (1 - a) + a / 2``. ``log σ`` is :func:`softjax.log_sigmoid`
+    (``min(x, 0) - log1p(e^(-|x|))``), so large logits neither overflow nor lose the small
+    loss.
 
     Args:
       logits: floating array ``[...]``.
@@ -550,8 +551,8 @@ def _bce_terms(x, t, pw):
     Both log-sigmoids are kept (rather than ``(1 - t) x + softplus(-x)``), so that a small
     loss such as ``softplus(x)`` at ``t = 0``, ``x = -20`` is not lost to cancellation.
     """
-    pos = nx.zero_where_prob_zero(t, jax.nn.log_sigmoid(x))
-    return -(pos * pw + nx.zero_where_prob_zero(1 - t, jax.nn.log_sigmoid(-x)))
+    pos = nx.zero_where_prob_zero(t, nx.log_sigmoid(x))
+    return -(pos * pw + nx.zero_where_prob_zero(1 - t, nx.log_sigmoid(-x)))
 
 
 @partial(_bce_terms.defjvp, symbolic_zeros=True)
@@ -575,9 +576,9 @@ def _bce_terms_jvp(primals, tangents):
         sig_neg = jnp.where(x >= 0, small, big)
         grad_x = nx.zero_where_prob_zero(1 - t, sig_pos) - nx.zero_where_prob_zero(t, sig_neg) * pw
         tangent = tangent + grad_x * x_dot
-    log_pos = jax.nn.log_sigmoid(x)
+    log_pos = nx.log_sigmoid(x)
     if not isinstance(t_dot, SymbolicZero):
-        tangent = tangent + (jax.nn.log_sigmoid(-x) - pw * log_pos) * t_dot
+        tangent = tangent + (nx.log_sigmoid(-x) - pw * log_pos) * t_dot
     if not isinstance(pw_dot, SymbolicZero):
         tangent = tangent - nx.zero_where_prob_zero(t, log_pos) * pw_dot
     return out, tangent

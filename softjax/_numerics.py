@@ -506,3 +506,21 @@ def zero_where_prob_zero(p: jax.Array, v: jax.Array) -> jax.Array:
     contribute nothing even where its tangent is infinite or undefined.
     """
     return jnp.where(p == 0, jnp.zeros_like(p), p * v)
+
+
+@jax.custom_jvp
+def log_sigmoid(x: jax.Array) -> jax.Array:
+    """``log σ(x) = min(x, 0) - log1p(e^(-|x|))``: one exponential, no cancellation in
+    either tail (``≈ x`` far below 0, ``≈ -e^(-x)`` far above). The one log-sigmoid of
+    softjax (``log_sigmoid``, the binary losses)."""
+    return jnp.minimum(x, 0) - jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@log_sigmoid.defjvp
+def _log_sigmoid_jvp(primals, tangents):
+    """``d log σ(x) / dx = σ(-x)``, each side from the same exponential (relative accuracy
+    where it is tiny, ``x`` far above 0)."""
+    (x,), (x_dot,) = primals, tangents
+    e = jnp.exp(-jnp.abs(x))
+    grad = jnp.where(x >= 0, e, 1.0) / (1 + e)
+    return log_sigmoid(x), grad * x_dot

@@ -108,6 +108,20 @@ CASES = {
     ),
     "sparsemax": Case(lambda x: sj.sparsemax(x), "same"),
     "entmax15": Case(lambda x: sj.entmax15(x), "same"),
+    "nll_loss": Case(lambda x: sj.nll_loss(sj.log_softmax(x), _labels(x), ignore_index=3), "loss"),
+    "kl_divergence": Case(
+        lambda x: sj.kl_divergence(
+            sj.log_softmax(x),
+            jnp.broadcast_to(jax.nn.softmax(jnp.cos(jnp.arange(8.0))), x.shape),
+            reduction="batchmean",
+        ),
+        "loss",
+    ),
+    "log_sigmoid": Case(lambda x: sj.log_sigmoid(x), "same"),
+    "sigmoid_focal_loss": Case(
+        lambda x: sj.sigmoid_focal_loss(x, (x > 0.5).astype(x.dtype), alpha=0.25), "loss"
+    ),
+    "poly_loss": Case(lambda x: sj.poly_loss(x, _labels(x), epsilon=1.5), "loss"),
     "binary_cross_entropy": Case(
         lambda x: sj.binary_cross_entropy(x, (x > 0).astype(x.dtype)), "loss"
     ),
