@@ -58,7 +58,7 @@ def np_divergence(xs, ws, xt, wt, direction="forward", beta=None, temperature=1.
 
 @pytest.mark.x64
 @pytest.mark.parametrize("impl", ["chunked", "xla"])
-@pytest.mark.parametrize("temperature", [1.0, 1.7])
+@pytest.mark.parametrize("temperature", [1.7, pytest.param(1.0, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_values_match_float64(small_blocks, impl, temperature, kind):
     xs, ws, xt, wt = _inputs()
@@ -120,7 +120,7 @@ def test_student_gradients_match_float64(small_blocks, kind, dtype, reduction):
 
 
 @pytest.mark.x64
-@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("reduction", ["none", pytest.param("mean", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
 def test_check_grads_in_float64(small_blocks, kind, reduction):
     xs, ws, xt, wt = _inputs(F64, seed=3)
@@ -196,8 +196,17 @@ def test_refusals_name_the_argument():
 
 
 @pytest.mark.x64
-@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd-0.2"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "kind,reduction",
+    [
+        ("forward", "mean"),
+        ("jsd-0.2", "none"),
+        pytest.param("reverse", "mean", marks=pytest.mark.slow),
+        pytest.param("forward", "none", marks=pytest.mark.slow),
+        pytest.param("reverse", "none", marks=pytest.mark.slow),
+        pytest.param("jsd-0.2", "mean", marks=pytest.mark.slow),
+    ],
+)
 def test_vocab_parallel_matches_unsharded(monkeypatch, kind, reduction):
     monkeypatch.setattr(chunked, "MAX_BLOCK_V", 48)  # 125 classes a device: 3 blocks, ragged
     monkeypatch.setattr(chunked, "MIN_BLOCK_V", 8)
