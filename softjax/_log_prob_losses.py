@@ -14,12 +14,18 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from . import _checks
 from . import _numerics as nx
-from ._losses import Reduction, _classes_last, _label_weight, bad_labels, reduce_losses
+from ._losses import (
+    Reduction,
+    _label_weight,
+    bad_labels,
+    classes_last,
+    reduce_elements,
+    reduce_losses,
+)
 
 
 def log_sigmoid(x: ArrayLike) -> jax.Array:
@@ -80,12 +86,8 @@ def nll_loss(
       Array(1.3862944, dtype=float32)
     """
     log_probs = _checks.floating(log_probs, "log_probs")
-    given_axis, shape = axis, log_probs.shape
-    axes = _checks.normalize_axes(axis, log_probs.ndim)
-    lp = _classes_last(log_probs, axes)
-    num_classes = lp.shape[-1]
-    _checks.has_classes(num_classes, "log_probs", shape, given_axis)
-    batch_shape = lp.shape[:-1]
+    shape = log_probs.shape
+    lp, batch_shape, num_classes = classes_last(log_probs, axis, "log_probs")
     _checks.reduction(reduction)
     dtype = nx.compute_dtype(lp.dtype)
     class_weight = _checks.vector(weight, num_classes, "weight", "class")
@@ -171,10 +173,6 @@ def kl_divergence(
     dtype = nx.compute_dtype(jnp.promote_types(x.dtype, t.dtype))
     terms = _kl_terms(x.astype(dtype), t.astype(dtype), log_target)
     valid = _checks.mask(where, x.shape)
-    count = np.prod(x.shape, dtype=np.int64)
-    if valid is not None:
-        terms = jnp.where(valid, terms, 0.0)
-        count = jnp.sum(valid, dtype=dtype)
     if reduction == "batchmean":
-        return jnp.sum(terms) / x.shape[0]
-    return reduce_losses(terms, jnp.asarray(count, dtype), reduction)
+        return jnp.sum(terms if valid is None else jnp.where(valid, terms, 0.0)) / x.shape[0]
+    return reduce_elements(terms, valid, reduction)

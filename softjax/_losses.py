@@ -359,6 +359,34 @@ def reduce_losses(losses, denominator, reduction: str):
     return total if reduction == "sum" else nx.safe_divide(total, denominator)
 
 
+def reduce_elements(loss, valid, reduction: str):
+    """Elementwise losses reduced: 0 where ``valid`` is False (None: all counted), "mean" over
+    the counted elements."""
+    count = jnp.asarray(np.prod(loss.shape, dtype=np.int64), loss.dtype)
+    if valid is not None:
+        loss = jnp.where(valid, loss, 0.0)
+        count = jnp.sum(valid, dtype=loss.dtype)
+    return reduce_losses(loss, count, reduction)
+
+
+def binary_operands(logits, targets):
+    """``logits`` and ``targets`` of a binary loss: floating, of one shape."""
+    logits = _checks.floating(logits, "logits")
+    targets = _checks.floating(targets, "targets")
+    if targets.shape != logits.shape:
+        raise ValueError(f"targets has shape {targets.shape} but logits has shape {logits.shape}")
+    return logits, targets
+
+
+def classes_last(x, axis, name: str):
+    """``x`` with its class axes (``axis``, checked) flattened last, its batch shape and its
+    number of classes (at least one)."""
+    shape = x.shape
+    x = _classes_last(x, _checks.normalize_axes(axis, x.ndim))
+    _checks.has_classes(x.shape[-1], name, shape, axis)
+    return x, x.shape[:-1], x.shape[-1]
+
+
 def loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype) -> Options:
     """The scalar options shared by the cross-entropies, checked, as arrays of ``dtype``."""
     logit_softcap = _checks.loss_options(label_smoothing, z_loss, logit_softcap, reduction)
@@ -443,10 +471,7 @@ def cross_entropy(
     logits = _checks.floating(logits, "logits")
     given_axis, shape = axis, logits.shape
     axes = _checks.normalize_axes(axis, logits.ndim)
-    logits = _classes_last(logits, axes)
-    num_classes = logits.shape[-1]
-    _checks.has_classes(num_classes, "logits", shape, given_axis)
-    batch_shape = logits.shape[:-1]
+    logits, batch_shape, num_classes = classes_last(logits, axis, "logits")
     dtype = nx.compute_dtype(logits.dtype)
     opts = loss_options(label_smoothing, z_loss, logit_softcap, reduction, dtype)
     class_weight = _checks.vector(weight, num_classes, "weight", "class")
@@ -518,10 +543,7 @@ def binary_cross_entropy(
       >>> softjax.binary_cross_entropy(jnp.array([0.0]), jnp.array([1.0]))
       Array(0.6931472, dtype=float32)
     """
-    logits = _checks.floating(logits, "logits")
-    targets = _checks.floating(targets, "targets")
-    if targets.shape != logits.shape:
-        raise ValueError(f"targets has shape {targets.shape} but logits has shape {logits.shape}")
+    logits, targets = binary_operands(logits, targets)
     _checks.reduction(reduction)
     _checks.unit_interval(label_smoothing, "label_smoothing")
     dtype = nx.compute_dtype(logits.dtype)
@@ -536,11 +558,7 @@ def binary_cross_entropy(
     loss = _bce_terms(x, t, pw)
     if weight is not None:
         loss = loss * _broadcastable(weight, logits.shape, "weight", dtype)
-    count = np.prod(logits.shape, dtype=np.int64)
-    if valid is not None:
-        loss = jnp.where(valid, loss, 0.0)
-        count = jnp.sum(valid, dtype=dtype)
-    return reduce_losses(loss, jnp.asarray(count, dtype), reduction)
+    return reduce_elements(loss, valid, reduction)
 
 
 @jax.custom_jvp

@@ -16,7 +16,7 @@ from jax.typing import ArrayLike
 
 from . import _checks
 from . import _numerics as nx
-from ._losses import Reduction, _bce_terms, cross_entropy, reduce_losses
+from ._losses import Reduction, _bce_terms, binary_operands, cross_entropy, reduce_elements
 from ._softmax import log_softmax
 
 
@@ -71,10 +71,7 @@ def sigmoid_focal_loss(
       >>> softjax.sigmoid_focal_loss(jnp.array([0.0]), jnp.array([1.0]))
       Array(0.1732868, dtype=float32)
     """
-    logits = _checks.floating(logits, "logits")
-    targets = _checks.floating(targets, "targets")
-    if targets.shape != logits.shape:
-        raise ValueError(f"targets has shape {targets.shape} but logits has shape {logits.shape}")
+    logits, targets = binary_operands(logits, targets)
     _checks.reduction(reduction)
     gamma = _checks.number(gamma, "gamma")
     if not (np.isfinite(gamma) and gamma >= 0):
@@ -92,11 +89,7 @@ def sigmoid_focal_loss(
     loss = _power(t * sig_neg + (1 - t) * sig_pos, gamma) * bce
     if alpha is not None:
         loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
-    count = np.prod(logits.shape, dtype=np.int64)
-    if valid is not None:
-        loss = jnp.where(valid, loss, 0.0)
-        count = jnp.sum(valid, dtype=dtype)
-    return reduce_losses(loss, jnp.asarray(count, dtype), reduction)
+    return reduce_elements(loss, valid, reduction)
 
 
 def poly_loss(
@@ -147,10 +140,4 @@ def poly_loss(
         one_minus = jnp.sum(nx.zero_where_prob_zero(y, -jnp.expm1(lp)), axis=axis)
     else:
         one_minus = -jnp.expm1(-ce)  # p_y = e^(-CE)
-    loss = ce + epsilon * one_minus
-    valid = _checks.mask(where, ce.shape)
-    count = np.prod(ce.shape, dtype=np.int64)
-    if valid is not None:
-        loss = jnp.where(valid, loss, 0.0)
-        count = jnp.sum(valid, dtype=loss.dtype)
-    return reduce_losses(loss, jnp.asarray(count, loss.dtype), reduction)
+    return reduce_elements(ce + epsilon * one_minus, _checks.mask(where, ce.shape), reduction)
