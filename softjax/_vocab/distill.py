@@ -26,7 +26,6 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -199,8 +198,8 @@ def _materialized(xs, ws, xt, wt, valid, scale, cfg: Config, reduction: str):
 
 
 def _chunked(xs, ws, xt, wt, valid, scale, cfg: Config, reduction: str):
-    single = cfg.axis_name is None and reduction != "none" and np.dtype(ws.dtype).itemsize >= 4
-    if single:
+    # The cross-entropy's rule for its single pass: float32/float64 weights, unsharded.
+    if api._single_pass_applies(cfg, reduction, ws.dtype):
         return reduced_divergence(xs, ws, xt, wt, valid, scale, cfg, reduction)
     return _reduce(row_divergences(xs, ws, xt, wt, valid, scale, cfg), valid, reduction)
 
