@@ -1,5 +1,5 @@
 """cross_entropy and binary_cross_entropy beside optax (and torch when installed); nll_loss,
-kl_divergence and log_sigmoid beside their jax peers."""
+kl_divergence, log_sigmoid and sparsemax_loss beside their jax/optax peers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from optax.losses import multiclass_sparsemax_loss
 
 import softjax as sj
 
@@ -33,6 +34,18 @@ def ce_smoothed_reference(x64: np.ndarray, labels: np.ndarray, a: float) -> floa
     logp = x64 - (m + np.log(np.exp(x64 - m).sum(-1, keepdims=True)))
     nll = -logp[np.arange(len(labels)), labels]
     return float(np.mean((1 - a) * nll - a * logp.mean(-1)))
+
+
+def sparsemax_loss_reference(x64: np.ndarray, labels: np.ndarray) -> float:
+    """Mean float64 sparsemax loss ``<z, p> - ½ ‖p‖² + ½ - z_y`` with sort-based ``p``."""
+    srt = -np.sort(-x64, axis=-1)
+    k = np.arange(1, x64.shape[-1] + 1)
+    cs = np.cumsum(srt, axis=-1)
+    size = np.sum(1 + k * srt > cs, axis=-1, keepdims=True)
+    tau = (np.take_along_axis(cs, size - 1, axis=-1) - 1) / size
+    p = np.maximum(x64 - tau, 0)
+    z_y = x64[np.arange(len(labels)), labels]
+    return float(np.mean(np.sum(x64 * p, -1) - 0.5 * np.sum(p * p, -1) + 0.5 - z_y))
 
 
 def _fwd_and_bwd_rows(op, size, dtype, peer, ours, theirs, x, reps, ref) -> list[dict]:
@@ -119,6 +132,15 @@ def run(args) -> list[dict]:
                 lambda x: jnp.sum(sj.log_sigmoid(x).astype(jnp.float32)),
                 lambda x: jnp.sum(jax.nn.log_sigmoid(x).astype(jnp.float32)),
                 float(-np.logaddexp(0, -x64).sum()),
+            ),
+            (
+                "sparsemax_loss",
+                size,
+                "optax multiclass_sparsemax_loss",
+                lambda x: sj.sparsemax_loss(x, labels),
+                # optax's custom JVP fails on bfloat16 scores: it is given float32 ones.
+                lambda x: multiclass_sparsemax_loss(x.astype(jnp.float32), labels).mean(),
+                sparsemax_loss_reference(x64, np.asarray(labels)),
             ),
         ]
         for op, case, peer, ours, theirs, ref in pairs:

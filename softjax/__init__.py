@@ -16,6 +16,8 @@ from ._softmax import logsumexp as logsumexp
 from ._softmax import softmax as softmax
 from ._sparse import entmax15 as entmax15
 from ._sparse import sparsemax as sparsemax
+from ._sparse_losses import entmax15_loss as entmax15_loss
+from ._sparse_losses import sparsemax_loss as sparsemax_loss
 from ._vocab import linear_cross_entropy as linear_cross_entropy
 from ._vocab import linear_kl_divergence as linear_kl_divergence
 from ._vocab import linear_log_probs as linear_log_probs
@@ -43,6 +45,7 @@ __all__ = [
     "cross_entropy",
     "dot_product_attention",
     "entmax15",
+    "entmax15_loss",
     "kl_divergence",
     "linear_cross_entropy",
     "linear_kl_divergence",
@@ -57,4 +60,5 @@ __all__ = [
     "sigmoid_focal_loss",
     "softmax",
     "sparsemax",
+    "sparsemax_loss",
 ]

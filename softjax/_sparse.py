@@ -80,7 +80,8 @@ def _finish(p, empty, nan_row):
 # sparsemax
 
 
-def _sparsemax_value(x, where):
+def sparsemax_rows(x, where):
+    """``(z, p)``: the max-shifted float32 rows and their sparsemax (classes last)."""
     z, srt, valid, empty, nan_row = _sorted_rows(x, where)
     k = jnp.arange(1, z.shape[-1] + 1, dtype=z.dtype)
     cs = jnp.cumsum(srt, axis=-1)
@@ -90,7 +91,11 @@ def _sparsemax_value(x, where):
     idx = jnp.maximum(size - 1, 0)
     tau = (jnp.take_along_axis(cs, idx, axis=-1) - 1) / jnp.maximum(size, 1).astype(z.dtype)
     p = jnp.maximum(z - tau, 0.0)
-    return _finish(p, empty, nan_row)
+    return z, _finish(p, empty, nan_row)
+
+
+def _sparsemax_value(x, where):
+    return sparsemax_rows(x, where)[1]
 
 
 @jax.custom_jvp
@@ -148,9 +153,10 @@ def sparsemax(x, axis: Axis = -1, *, where=None) -> jax.Array:
 # 1.5-entmax
 
 
-def _entmax15_value(x, where):
+def entmax15_rows(x, where):
+    """``(z, p)``: the max-shifted float32 rows and their 1.5-entmax (classes last)."""
     z, srt, valid, empty, nan_row = _sorted_rows(x, where)
-    z, srt = z / 2, srt / 2
+    z2, srt = z / 2, srt / 2
     rho = jnp.arange(1, z.shape[-1] + 1, dtype=z.dtype)
     mean = jnp.cumsum(srt, axis=-1) / rho
     mean_sq = jnp.cumsum(srt * srt, axis=-1) / rho
@@ -162,8 +168,12 @@ def _entmax15_value(x, where):
     support = valid & (tau <= srt)
     size = jnp.sum(support, axis=-1, keepdims=True)
     tau_star = jnp.take_along_axis(tau, jnp.maximum(size - 1, 0), axis=-1)
-    g = jnp.maximum(z - tau_star, 0.0)
-    return _finish(g * g, empty, nan_row)
+    g = jnp.maximum(z2 - tau_star, 0.0)
+    return z, _finish(g * g, empty, nan_row)
+
+
+def _entmax15_value(x, where):
+    return entmax15_rows(x, where)[1]
 
 
 @jax.custom_jvp

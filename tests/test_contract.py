@@ -23,6 +23,8 @@ from softjax import calibration, sampling
 LABELS = np.array([0, 3, 7, 1])
 W_OUT = np.random.default_rng(9).standard_normal((5, 8))  # [V, D] output layer
 KEY = np.asarray(jax.random.key_data(jax.random.key(0)))
+# A target distribution with exact zeros (a sparse map's target), constant in x.
+_TARGET_ROW = np.array([0.5, 0.0, 0.25, 0.0, 0.125, 0.125, 0.0, 0.0], np.float32)
 
 
 class Case(NamedTuple):
@@ -108,6 +110,10 @@ CASES = {
     ),
     "sparsemax": Case(lambda x: sj.sparsemax(x), "same"),
     "entmax15": Case(lambda x: sj.entmax15(x), "same"),
+    "sparsemax_loss": Case(lambda x: sj.sparsemax_loss(x, _labels(x), reduction="none"), "loss"),
+    "entmax15_loss": Case(
+        lambda x: sj.entmax15_loss(x, jnp.broadcast_to(_TARGET_ROW, x.shape)), "loss"
+    ),
     "nll_loss": Case(lambda x: sj.nll_loss(sj.log_softmax(x), _labels(x), ignore_index=3), "loss"),
     "kl_divergence": Case(
         lambda x: sj.kl_divergence(
