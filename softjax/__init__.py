@@ -4,6 +4,7 @@ from importlib import metadata as _metadata
 
 from . import calibration as calibration
 from ._attention import dot_product_attention as dot_product_attention
+from ._gumbel import gumbel_softmax as gumbel_softmax
 from ._log_prob_losses import kl_divergence as kl_divergence
 from ._log_prob_losses import log_sigmoid as log_sigmoid
 from ._log_prob_losses import nll_loss as nll_loss
@@ -46,6 +47,7 @@ __all__ = [
     "dot_product_attention",
     "entmax15",
     "entmax15_loss",
+    "gumbel_softmax",
     "kl_divergence",
     "linear_cross_entropy",
     "linear_kl_divergence",

@@ -174,8 +174,8 @@ def positive(x, name: str) -> None:
         raise ValueError(f"{name} must be > 0, got {_short(value)}")
 
 
-def temperature(t, shape: tuple, axes: tuple):
-    """Validates ``temperature`` for an input of ``shape`` reduced over ``axes``.
+def temperature(t, shape: tuple, axes: tuple, name: str = "temperature"):
+    """Validates ``temperature`` (called ``name``) for an input of ``shape`` reduced over ``axes``.
 
     Returns None for the plain case ``t == 1`` given as a Python number (so the division is
     skipped entirely), else ``t`` as a floating array. An array must broadcast to ``shape``
@@ -183,18 +183,18 @@ def temperature(t, shape: tuple, axes: tuple):
     """
     if isinstance(t, (int, float)) and not isinstance(t, bool):
         if not t > 0:
-            raise ValueError(f"temperature must be > 0, got {t}")
+            raise ValueError(f"{name} must be > 0, got {t}")
         return None if t == 1 else t
-    t = floating(t, "temperature")
-    broadcasts_to(t.shape, shape, "temperature")
+    t = floating(t, name)
+    broadcasts_to(t.shape, shape, name)
     padded = (1,) * (len(shape) - t.ndim) + t.shape
     for i, dt in enumerate(padded):
         if i in axes and dt != 1:
             raise ValueError(
-                f"temperature has shape {t.shape}, but it must have size 1 along the "
+                f"{name} has shape {t.shape}, but it must have size 1 along the "
                 f"reduced axes {axes} of an input of shape {shape} (one temperature per row)"
             )
-    positive(t, "temperature")
+    positive(t, name)
     return t
 
 

@@ -110,6 +110,10 @@ CASES = {
     ),
     "sparsemax": Case(lambda x: sj.sparsemax(x), "same"),
     "entmax15": Case(lambda x: sj.entmax15(x), "same"),
+    # The soft sample: the hard one's straight-through gradient is not its value's derivative.
+    "gumbel_softmax": Case(
+        lambda x: sj.gumbel_softmax(jax.random.wrap_key_data(KEY), x, tau=0.7), "same"
+    ),
     "sparsemax_loss": Case(lambda x: sj.sparsemax_loss(x, _labels(x), reduction="none"), "loss"),
     "entmax15_loss": Case(
         lambda x: sj.entmax15_loss(x, jnp.broadcast_to(_TARGET_ROW, x.shape)), "loss"
