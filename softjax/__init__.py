@@ -3,6 +3,7 @@
 from importlib import metadata as _metadata
 
 from . import calibration as calibration
+from . import metrics as metrics
 from ._attention import dot_product_attention as dot_product_attention
 from ._gumbel import gumbel_softmax as gumbel_softmax
 from ._log_prob_losses import kl_divergence as kl_divergence
@@ -55,6 +56,7 @@ __all__ = [
     "log_sigmoid",
     "log_softmax",
     "logsumexp",
+    "metrics",
     "nll_loss",
     "poly_loss",
     "sample",

@@ -18,7 +18,7 @@ import pytest
 from _tolerances import tol
 
 import softjax as sj
-from softjax import calibration, sampling
+from softjax import calibration, metrics, sampling
 
 LABELS = np.array([0, 3, 7, 1])
 W_OUT = np.random.default_rng(9).standard_normal((5, 8))  # [V, D] output layer
@@ -160,6 +160,14 @@ CASES = {
     "fit_temperature": Case(
         lambda x: calibration.fit_temperature(x, _labels(x), steps=5), "loss", False
     ),
+    # x as one sequence of T=4 positions over V=8 tokens.
+    "token_log_probs": Case(lambda x: metrics.token_log_probs(x, _labels(x)), "loss"),
+    "sequence_log_probs": Case(
+        lambda x: metrics.sequence_log_probs(x, _labels(x), length_penalty=0.7), "loss"
+    ),
+    "perplexity": Case(lambda x: metrics.perplexity(x, _labels(x), ignore_index=3), "loss"),
+    # A count of ranks: piecewise constant, float32 whatever the logits.
+    "top_k_accuracy": Case(lambda x: metrics.top_k_accuracy(x, _labels(x), k=2), "float32", False),
 }
 
 # Public functions whose contract is checked in their own test module.
@@ -284,6 +292,7 @@ def test_every_public_function_is_covered():
         return {n for n in names if inspect.isfunction(getattr(module, n))}
 
     public = functions(sj, sj.__all__)
-    public |= functions(sampling, sampling.__all__) | functions(calibration, calibration.__all__)
+    for module in (sampling, calibration, metrics):
+        public |= functions(module, module.__all__)
     covered = set(CASES) | {name.removesuffix("_probs") for name in CASES} | set(EXTRA_COVERED)
     assert public <= covered, public - covered
