@@ -40,6 +40,8 @@ def run(args) -> list[dict]:
     ]
     if args.large:
         settings.append(("min_p=0.05", dict(min_p=0.05)))
+        # Typical-p bisects on the keys of -|log p + H| (the peer sorts them).
+        settings.append(("typical_p=0.9", dict(typical_p=0.9)))
     floor = jax.jit(lambda k, x: jax.random.categorical(k, x, axis=-1))
     floor_bytes = temp_bytes(floor, key, x)
     rows = Rows()
