@@ -3,6 +3,7 @@
 from importlib import metadata as _metadata
 
 from . import calibration as calibration
+from . import conformal as conformal
 from . import metrics as metrics
 from ._attention import dot_product_attention as dot_product_attention
 from ._gumbel import gumbel_softmax as gumbel_softmax
@@ -44,6 +45,7 @@ def __getattr__(name: str):
 __all__ = [
     "binary_cross_entropy",
     "calibration",
+    "conformal",
     "cross_entropy",
     "dot_product_attention",
     "entmax15",

@@ -18,7 +18,7 @@ import pytest
 from _tolerances import tol
 
 import softjax as sj
-from softjax import calibration, metrics, sampling
+from softjax import calibration, conformal, metrics, sampling
 
 LABELS = np.array([0, 3, 7, 1])
 W_OUT = np.random.default_rng(9).standard_normal((5, 8))  # [V, D] output layer
@@ -166,6 +166,32 @@ CASES = {
         lambda x: metrics.sequence_log_probs(x, _labels(x), length_penalty=0.7), "loss"
     ),
     "perplexity": Case(lambda x: metrics.perplexity(x, _labels(x), ignore_index=3), "loss"),
+    # Conformal prediction: the scores are piecewise smooth in the logits (sums of
+    # probabilities in ranked order); the threshold is an order statistic of them and the
+    # sets are boolean (compared as int32 here), so those are not differentiated.
+    "scores": Case(
+        lambda x: conformal.scores(x, _labels(x), method="raps", k_reg=2, lam=0.1), "loss"
+    ),
+    "calibrate": Case(
+        lambda x: conformal.calibrate(x, _labels(x), alpha=0.2, method="aps"), "loss", False
+    ),
+    "prediction_sets": Case(
+        lambda x: conformal.prediction_sets(x, 0.6, method="raps", k_reg=1, lam=0.05).astype(
+            jnp.int32
+        ),
+        "int",
+        False,
+    ),
+    "coverage": Case(
+        lambda x: conformal.coverage(conformal.prediction_sets(x, 0.7), _labels(x)),
+        "float32",
+        False,
+    ),
+    "mean_set_size": Case(
+        lambda x: conformal.mean_set_size(conformal.prediction_sets(x, 0.7, method="aps")),
+        "float32",
+        False,
+    ),
     # A count of ranks: piecewise constant, float32 whatever the logits.
     "top_k_accuracy": Case(lambda x: metrics.top_k_accuracy(x, _labels(x), k=2), "float32", False),
 }
@@ -292,7 +318,7 @@ def test_every_public_function_is_covered():
         return {n for n in names if inspect.isfunction(getattr(module, n))}
 
     public = functions(sj, sj.__all__)
-    for module in (sampling, calibration, metrics):
+    for module in (sampling, calibration, conformal, metrics):
         public |= functions(module, module.__all__)
     covered = set(CASES) | {name.removesuffix("_probs") for name in CASES} | set(EXTRA_COVERED)
     assert public <= covered, public - covered

@@ -33,7 +33,12 @@ EXPECTED = [
         None,
         id="03",
     ),
-    pytest.param("04_sampling_and_calibration", ["ECE before", "sparsemax"], "sklearn", id="04"),
+    pytest.param(
+        "04_sampling_and_calibration",
+        ["ECE before", "conformal", "mean set size", "sparsemax"],
+        "sklearn",
+        id="04",
+    ),
     pytest.param(
         "05_train_a_tiny_lm", ["ECE before", "NLL before", "below the bigram"], "flax", id="05"
     ),
