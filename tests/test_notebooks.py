@@ -39,14 +39,21 @@ EXPECTED = [
         "sklearn",
         id="04",
     ),
+    # The two notebooks that train a language model (80-90 s each here) run under `slow`;
+    # the training script they drive is tested by default (tests/test_tiny_lm.py).
     pytest.param(
-        "05_train_a_tiny_lm", ["ECE before", "NLL before", "below the bigram"], "flax", id="05"
+        "05_train_a_tiny_lm",
+        ["ECE before", "NLL before", "below the bigram"],
+        "flax",
+        id="05",
+        marks=pytest.mark.slow,
     ),
     pytest.param(
         "06_scoring_and_distillation",
         ["max |log p - float64|", "student held-out: distilled", "S= 4096"],
         "flax",
         id="06",
+        marks=pytest.mark.slow,
     ),
 ]
 

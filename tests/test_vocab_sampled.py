@@ -104,7 +104,7 @@ def test_log_uniform_draws_follow_the_proposal():
     assert counts.min() >= 0 and np.asarray(classes).max() < v
 
 
-@pytest.mark.parametrize("name", ["uniform", "log_uniform"])
+@pytest.mark.parametrize("name", [pytest.param("uniform", marks=pytest.mark.slow), "log_uniform"])
 def test_expected_loss_and_gradient_approach_the_exact_ones(name):
     x, w, y = _inputs(1)
     exact = softjax.linear_cross_entropy(x, w, y)
