@@ -10,6 +10,8 @@ The tolerance table and the assertion helpers live in ``_tolerances.py``.
 """
 
 import os
+import shutil
+import tempfile
 
 # 8 virtual CPU devices for the sharding tests; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -20,6 +22,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+# XLA compilation is most of the suite's time, and many tests compile what another test (or
+# the other worker) compiled already: a fresh closure or jit wrapper of the same computation
+# misses jax's in-memory caches. A compilation cache on disk, made for this run, shared by its
+# workers and removed at its end, serves them the same executables (keyed by the HLO and the
+# compile options). The process that makes it (the xdist controller, or the only process)
+# removes it; workers inherit its path.
+if "SOFTJAX_TEST_JIT_CACHE" not in os.environ:
+    os.environ["SOFTJAX_TEST_JIT_CACHE"] = tempfile.mkdtemp(prefix="softjax-tests-jit-")
+    _OWNS_JIT_CACHE = True
+else:
+    _OWNS_JIT_CACHE = False
+jax.config.update("jax_compilation_cache_dir", os.environ["SOFTJAX_TEST_JIT_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    if _OWNS_JIT_CACHE:
+        shutil.rmtree(os.environ["SOFTJAX_TEST_JIT_CACHE"], ignore_errors=True)
 
 
 @pytest.hookimpl(wrapper=True)

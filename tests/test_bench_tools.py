@@ -50,6 +50,7 @@ def test_a_loop_counts_its_body_per_trip_and_a_slice_as_the_slice():
     assert hlo_bytes.hbm_bytes(unrecorded) == moved
 
 
+@pytest.mark.slow  # the whole device check, interpreted (35 s): run it before a device run
 def test_device_check_smoke_agrees_on_this_backend(tmp_path, capsys):
     # On CPU the Pallas kernels run interpreted: this proves the script, not the chip.
     rc = device_check.main(["--smoke", "--out", str(tmp_path)])

@@ -259,6 +259,9 @@ def test_linear_cross_entropy_contract(data):
     close(out, np.asarray(expect, np.float64), cdt, scale=SLACK["matmul_loss"], atol=atol)
 
 
+# The slowest property (each example compiles three attention paths): under `slow`; the
+# attention tests compare the paths on fixed cases by default.
+@pytest.mark.slow
 @pytest.mark.x64
 @given(data=st.data())
 @SETTINGS

@@ -380,7 +380,7 @@ def test_per_row_temperature():
 
 
 @pytest.mark.x64
-@pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("fn", ["softmax", pytest.param("log_softmax", marks=pytest.mark.slow)])
 def test_check_grads_order_2_with_temperature(fn):
     f = getattr(sj, fn)
     x = jnp.asarray(logits((3, 5), 2.0, dtype=np.float64))

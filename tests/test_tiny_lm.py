@@ -99,6 +99,7 @@ def test_scores_give_the_heldout_loss_again(single_run):
     assert scores["best_row_bits"] <= scores["bits"] <= scores["worst_row_bits"]
 
 
+@pytest.mark.slow  # trains a student (14 s); the divergences are tested in test_vocab_distill.py
 def test_distillation_trains_the_student_toward_the_teacher(single_run):
     teacher = single_run[0]
     student = dataclasses.replace(TINY, d_model=16, steps=15)
