@@ -19,6 +19,7 @@ sum of the others, and a one-hot target has ``G(q) = 0`` exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
@@ -35,9 +36,9 @@ from ._sparse import entmax15_rows, sparsemax_rows
 class _Regulariser(NamedTuple):
     """A sparse map and its ``Ω``: the map's rows, the gap ``G`` and ``∇Ω``."""
 
-    rows: callable  # (x, where) -> (max-shifted z, p), float32, classes last
-    gap: callable  # (p, 1 - p) -> Σ over the row of G's terms
-    grad: callable  # q -> ∇Ω(q)
+    rows: Callable  # (x, where) -> (max-shifted z, p), float32, classes last
+    gap: Callable  # (p, 1 - p) -> Σ over the row of G's terms
+    grad: Callable  # q -> ∇Ω(q)
 
 
 _SPARSEMAX = _Regulariser(

@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 
 from . import _checks
 from . import _numerics as nx
-from ._losses import cross_entropy
+from ._losses import bad_labels, cross_entropy
 
 __all__ = ["perplexity", "sequence_log_probs", "token_log_probs", "top_k_accuracy"]
 
@@ -64,8 +64,13 @@ def token_log_probs(
       >>> metrics.token_log_probs(jnp.log(jnp.array([[0.5, 0.25, 0.25]])), jnp.array([1]))
       Array([-1.3862944], dtype=float32)
     """
+    return _token_log_probs(logits, tokens, where, ignore_index)[0]
+
+
+def _token_log_probs(logits, tokens, where, ignore_index):
+    """The per-token log-probabilities (0 where not counted) and the counted positions."""
     logits, tokens, valid = _counted(logits, tokens, where, ignore_index)
-    return -cross_entropy(logits, tokens, where=valid, reduction="none")
+    return -cross_entropy(logits, tokens, where=valid, reduction="none"), valid
 
 
 def sequence_log_probs(
@@ -99,14 +104,13 @@ def sequence_log_probs(
       >>> metrics.sequence_log_probs(logits, jnp.array([0, 1]))
       Array(-0.98082924, dtype=float32)
     """
-    if tokens is not None and jnp.ndim(tokens) == 0:
+    if jnp.ndim(tokens) == 0:
         raise ValueError("tokens must have a sequence axis (the last), got a scalar")
-    per_token = token_log_probs(logits, tokens, where=where, ignore_index=ignore_index)
+    per_token, valid = _token_log_probs(logits, tokens, where, ignore_index)
     total = jnp.sum(per_token, axis=-1)
     if length_penalty is None:
         return total
     alpha = _checks.number(length_penalty, "length_penalty")
-    _, _, valid = _counted(logits, tokens, where, ignore_index)
     length = jnp.sum(valid, axis=-1).astype(total.dtype)
     return nx.safe_divide(total, length**alpha)
 
@@ -184,8 +188,7 @@ def top_k_accuracy(
     z_y = jnp.take_along_axis(x, safe[..., None], axis=-1)
     before = jnp.arange(num_classes) < safe[..., None]
     rank = jnp.sum((x > z_y) | ((x == z_y) & before), axis=-1)
-    correct = (rank < k).astype(jnp.float32)
-    bad = (labels < 0) | (labels >= num_classes) | jnp.any(jnp.isnan(x), axis=-1)
-    correct = jnp.where(bad, jnp.nan, correct)
+    correct = (rank < k).astype(jnp.float32) + bad_labels(labels, valid, num_classes, jnp.float32)
+    correct = jnp.where(jnp.any(jnp.isnan(x), axis=-1), jnp.nan, correct)
     counted = jnp.sum(valid, dtype=jnp.float32)
     return nx.safe_divide(jnp.sum(jnp.where(valid, correct, 0.0)), counted)
